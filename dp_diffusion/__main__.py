@@ -1,0 +1,3 @@
+from dp_diffusion.cli import main
+
+main()

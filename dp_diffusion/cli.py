@@ -1,0 +1,89 @@
+"""The `dp-diffusion` command: `train`, `sample`, `evaluate` (each a Hydra main)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# The Hydra config tree lives at the repository root (`conf/`); an absolute path
+# makes Hydra read it as files, wherever the command is run from.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+USAGE = """usage: dp-diffusion COMMAND [hydra overrides...]
+
+commands:
+  train      train a method on private data (default: DPDM on embedded MNIST at epsilon=10),
+             then write the privacy report, samples and results
+  sample     draw samples from a checkpoint:  dp-diffusion sample checkpoint=PATH
+  evaluate   score samples or a checkpoint against real data
+
+examples:
+  dp-diffusion train
+  dp-diffusion train privacy.epsilon=1 train.epochs=30
+  dp-diffusion train -m privacy.epsilon=1,5,10
+  dp-diffusion train experiment=dpdm_mnist_eps10 trainer=gpu
+  dp-diffusion train --cfg job        # print the composed config
+"""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn mistakes a user can fix into one line on stderr and exit status 2."""
+    from dp_diffusion.config import ConfigError
+    from dp_diffusion.data.registry import DatasetNotFoundError
+    from dp_diffusion.privacy import PrivacyError
+
+    try:
+        yield
+    except (ConfigError, DatasetNotFoundError, PrivacyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def train_main(cfg: DictConfig) -> float | None:
+    from dp_diffusion.train import run_training
+
+    with user_errors():
+        record = run_training(cfg)
+    eps = record.get("privacy", {}).get("epsilon")
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+@hydra.main(config_path=CONF_DIR, config_name="sample", version_base="1.3")
+def sample_main(cfg: DictConfig) -> None:
+    from dp_diffusion.sample import run_sampling
+
+    with user_errors():
+        run_sampling(cfg)
+
+
+def evaluate_main() -> None:
+    print("error: `dp-diffusion evaluate` is not implemented yet (see the evaluation issue)", file=sys.stderr)
+    sys.exit(2)
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [f"dp-diffusion {command}", *rest]
+    COMMANDS[command]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""One LightningModule per method; the registry maps `method.name` to it."""
+
+METHODS = {
+    "dpdm": "dp_diffusion.methods.dpdm.DPDM",
+}

@@ -1,0 +1,181 @@
+"""Per-example gradients of a per-example loss, in several interchangeable modes.
+
+A per-example loss here is `loss_fn(model, batch) -> Tensor[B]`, deterministic
+given `batch` (every random draw, e.g. diffusion noise, is part of the batch),
+where `batch` is a pytree of tensors whose leading dimension is the example
+index. With noise multiplicity K the loss of example i is already the average
+over its K draws (DPDM Eq. 7), so the gradient of row i is the gradient of the
+K-averaged loss, formed *before* clipping (DPDM Alg. 1).
+
+Modes:
+- "functorch": `torch.func.vmap(grad)` over examples; memory O(B x params)
+  whatever K is. Works with any module built from pure tensor ops.
+- "grouped" (the default where every trainable layer is supported): layer
+  hooks capture inputs and output gradients of one input-only backward pass;
+  per-example weight gradients come from native kernels, K draws summed
+  inside (see `grad_samplers.py`). Memory O(B x params).
+- "opacus": Opacus's `GradSampleModule` hooks on the B*K forward rows, then the
+  K rows of each example are summed. Memory O(B*K x params): kept as the
+  reference implementation and benchmark baseline (stock Opacus has no noise
+  multiplicity; the DPDM authors forked it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS, supports
+
+PerExampleLoss = Callable[[Callable[..., Tensor], Any], Tensor]
+GRAD_MODES = ("auto", "grouped", "functorch", "opacus")
+
+
+class PerExampleGradients(Protocol):
+    """Computes `{name: Tensor[B, *param.shape]}` and the per-example losses."""
+
+    def __call__(self, loss_fn: PerExampleLoss, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        ...
+
+
+def batch_size_of(batch: Any) -> int:
+    leaves, _ = tree_flatten(batch)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+    if not tensors:
+        raise ValueError("a batch must contain at least one tensor")
+    return int(tensors[0].shape[0])
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+class FunctorchGradients:
+    """Per-example gradients by `vmap(grad(loss of one example))`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, loss_fn: PerExampleLoss, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        params = {k: p.detach() for k, p in trainable_parameters(self.module).items()}
+        frozen = {k: p.detach() for k, p in self.module.named_parameters() if not p.requires_grad}
+        buffers = dict(self.module.named_buffers())
+        if batch_size_of(batch) == 0:
+            return _empty_grads(params), torch.zeros(0)
+
+        def one_example(trainable: dict[str, Tensor], example: Any) -> Tensor:
+            example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+
+            def model(*args: Any, **kwargs: Any) -> Tensor:
+                return functional_call(self.module, ({**trainable, **frozen}, buffers), args, kwargs)
+
+            return loss_fn(model, example).sum()
+
+        grads, losses = vmap(grad_and_value(one_example), in_dims=(None, 0))(params, batch)
+        return grads, losses.detach()
+
+
+class OpacusHookGradients:
+    """Per-example gradients by Opacus's `GradSampleModule` hooks (reference mode)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from opacus import GradSampleModule
+
+        self.module = module
+        # Kept outside the module tree so state_dict keys stay those of `module`.
+        self._wrapped = [GradSampleModule(module, batch_first=True, loss_reduction="sum")]
+
+    def __call__(self, loss_fn: PerExampleLoss, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        params = trainable_parameters(self.module)
+        num_examples = batch_size_of(batch)
+        if num_examples == 0:
+            return _empty_grads(params), torch.zeros(0)
+        for p in params.values():
+            p.grad_sample = None
+        with torch.enable_grad():
+            losses = loss_fn(self._wrapped[0], batch)
+            losses.sum().backward()
+        grads = {}
+        for name, p in params.items():
+            rows = p.grad_sample
+            # The loss repeats each example K times contiguously (B*K rows);
+            # the example's gradient is the sum over its K rows.
+            grads[name] = rows.reshape(num_examples, -1, *p.shape).sum(dim=1)
+            p.grad_sample = None
+            p.grad = None
+        return grads, losses.detach()
+
+
+class GroupedGradients:
+    """Per-example gradients from layer hooks and grouped native kernels (no autograd weight grads)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if not supports(module):
+            raise ValueError(
+                "privacy.grad_mode=grouped supports only Linear, Conv2d, GroupNorm and Embedding "
+                "parameters; use grad_mode=functorch for this model"
+            )
+        self.module = module
+        self._records: list[tuple[nn.Module, Tensor, Tensor]] | None = None
+        for layer in module.modules():
+            if type(layer) in GRAD_SAMPLERS and any(p.requires_grad for p in layer.parameters(recurse=False)):
+                layer.register_forward_hook(self._capture)
+
+    def _capture(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if self._records is None:
+            return None
+        if not output.requires_grad:
+            # Nothing upstream needs a gradient (first layer, label embedding):
+            # make the output a leaf so its gradient can be asked for.
+            output = output.detach().requires_grad_(True)
+        self._records.append((layer, inputs[0].detach(), output))
+        return output
+
+    def __call__(self, loss_fn: PerExampleLoss, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        params = trainable_parameters(self.module)
+        num_examples = batch_size_of(batch)
+        if num_examples == 0:
+            return _empty_grads(params), torch.zeros(0)
+        # Detached parameters: autograd computes input gradients only; the
+        # weight gradients are formed per example from the captured tensors.
+        detached = {k: p.detach() for k, p in self.module.named_parameters()}
+        self._records = []
+        try:
+            with torch.enable_grad():
+                losses = loss_fn(lambda *a, **kw: functional_call(self.module, detached, a, kw), batch)
+                records = self._records
+                out_grads = torch.autograd.grad(losses.sum(), [r[2] for r in records], allow_unused=True)
+        finally:
+            self._records = None
+        per_param: dict[nn.Parameter, Tensor] = {}
+        for (layer, activations, _), g in zip(records, out_grads):
+            if g is None:
+                continue
+            for p, grad in GRAD_SAMPLERS[type(layer)](layer, activations, g, num_examples).items():
+                per_param[p] = per_param[p] + grad if p in per_param else grad
+        grads = {
+            name: per_param[p] if p in per_param else p.new_zeros((num_examples, *p.shape))
+            for name, p in params.items()
+        }
+        return grads, losses.detach()
+
+
+def _empty_grads(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: p.new_zeros((0, *p.shape)) for k, p in params.items()}
+
+
+def make_per_example_gradients(module: nn.Module, mode: str = "auto") -> PerExampleGradients:
+    """The per-example gradient engine for `module` ("auto" picks the fastest correct one)."""
+    if mode == "auto":
+        mode = "grouped" if supports(module) else "functorch"
+    if mode == "grouped":
+        return GroupedGradients(module)
+    if mode == "functorch":
+        return FunctorchGradients(module)
+    if mode == "opacus":
+        return OpacusHookGradients(module)
+    raise ValueError(f"privacy.grad_mode must be one of {GRAD_MODES}, got {mode!r}")

@@ -1,0 +1,44 @@
+"""`dp-diffusion sample`: rebuild a trained model from its checkpoint and draw samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dp_diffusion.build import build_method
+from dp_diffusion.config import ConfigError, validate_sampling
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.methods.diffusion_module import PrivateDiffusion
+from dp_diffusion.sampling import draw_samples, save_samples
+
+CONFIG_KEY = "dp_diffusion_config"
+
+
+def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
+    """The trained module stored in `checkpoint` (config, weights and EMA)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint must be an existing .ckpt file, got {str(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in state:
+        raise ConfigError(f"checkpoint {str(path)!r} was not written by `dp-diffusion train` (no stored config)")
+    cfg = OmegaConf.create(state[CONFIG_KEY])
+    info = dataset_info(cfg.data.name)
+    module = build_method(cfg, info)
+    module.load_state_dict(state["state_dict"])
+    module.on_load_checkpoint(state)
+    return module
+
+
+def run_sampling(cfg: DictConfig) -> dict[str, Path]:
+    validate_sampling(cfg)
+    module = load_trained(cfg.checkpoint)
+    out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.checkpoint).parent.parent / f"samples_{cfg.sampler}"
+    images, labels = draw_samples(
+        module.sampling_denoiser(), cfg.num_samples, module.image_shape, module.num_classes, cfg, seed=cfg.seed
+    )
+    paths = save_samples(images, labels, out)
+    print(f"wrote {len(images)} samples: {paths['npz']}  grid: {paths['grid']}")
+    return paths
