@@ -27,9 +27,9 @@ def build_method(cfg: DictConfig, info: DatasetInfo, num_examples: int | None = 
             cfg.model, in_channels=channels, out_channels=channels, resolution=height, num_classes=num_classes
         )
         loss_overrides: dict[str, Any] = {"num_classes": num_classes}
-        if num_classes == 0 and "label_dropout" in cfg.method.loss:
+        if num_classes == 0 and "label_dropout" in cfg.diffusion:
             loss_overrides["label_dropout"] = 0.0
-        loss = instantiate(cfg.method.loss, **loss_overrides)
+        loss = instantiate(cfg.diffusion, **loss_overrides)
     except ValueError as err:
         raise ConfigError(f"model/method config for data set {info.name!r}: {err}") from None
     # Partial: objects (backbone, loss, spec) are passed directly, not through OmegaConf.

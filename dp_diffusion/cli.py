@@ -21,7 +21,8 @@ commands:
   train      train a method on private data (default: DPDM on embedded MNIST at epsilon=10),
              then write the privacy report, samples and results
   sample     draw samples from a checkpoint:  dp-diffusion sample checkpoint=PATH
-  evaluate   score samples or a checkpoint against real data
+  evaluate   score samples or a checkpoint against real data:
+             dp-diffusion evaluate samples=PATH.npz data=mnist5k   (or checkpoint=PATH.ckpt)
 
 examples:
   dp-diffusion train
@@ -64,9 +65,12 @@ def sample_main(cfg: DictConfig) -> None:
         run_sampling(cfg)
 
 
-def evaluate_main() -> None:
-    print("error: `dp-diffusion evaluate` is not implemented yet (see the evaluation issue)", file=sys.stderr)
-    sys.exit(2)
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+def evaluate_main(cfg: DictConfig) -> None:
+    from dp_diffusion.evaluate import run_evaluation
+
+    with user_errors():
+        run_evaluation(cfg)
 
 
 COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main}

@@ -3,13 +3,14 @@ write the privacy report, sample, and evaluate."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 from dp_diffusion.build import build_method, config_to_dict
 from dp_diffusion.config import validate_config, validate_privacy
 from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.sampling import draw_samples, save_samples
 
@@ -60,10 +62,22 @@ def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, 
     )
 
 
+def quiet_third_party_noise() -> None:
+    """Drop log lines and warnings that carry no information for our users."""
+    # Lightning adds its own console handler; Hydra's root handler would print every line twice.
+    logging.getLogger("lightning.pytorch").propagate = False
+    for pattern in (".*LeafSpec.*", "Optimal order is the largest alpha", ".*litlogger.*",
+                    ".*does not have many workers.*", ".*ckpt_path.*", ".*not resumable.*",
+                    ".*Total length of `DataLoader` across ranks is zero.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train one run end to end; returns its results record."""
     started = time.time()
+    quiet_third_party_noise()
     validate_config(cfg)
+    validate_eval(cfg.eval)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
     config = config_to_dict(cfg)
@@ -78,8 +92,17 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     module.attach_private_data(datamodule.train_set)
 
     trainer = build_trainer(cfg, out, module.planned_steps, config)
-    trainer.fit(module, ckpt_path=cfg.resume)
-    record: dict[str, Any] = {"config": config, "output_dir": str(out)}
+    trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run
+    record: dict[str, Any] = {
+        "kind": "train",
+        "method": cfg.method.name,
+        "data": cfg.data.name,
+        "epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "seed": cfg.seed,
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "output_dir": str(out),
+        "config": config,
+    }
     if not trainer.is_global_zero:
         return record
     final = out / "checkpoints" / "final.ckpt"
@@ -93,15 +116,35 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if trainer.interrupted:
         print(f"training interrupted; resume with: dp-diffusion train resume={out / 'checkpoints' / 'last.ckpt'}")
         return record
-    if cfg.sample.num_samples > 0:
-        images, labels = draw_samples(
-            module.sampling_denoiser(), cfg.sample.num_samples, info.image_shape, module.num_classes, cfg.sample,
-            seed=cfg.seed,
-        )
-        paths = save_samples(images, labels, out)
-        print(f"samples: {paths['npz']}  grid: {paths['grid']}")
-        record["samples"] = {k: str(v) for k, v in paths.items()}
+    record.update(sample_and_evaluate(cfg, module, trainer, out))
     record["wall_time_s"] = round(time.time() - started, 1)
-    with open(out / "results.jsonl", "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+    append_results(record, out / "results.jsonl", cfg.results_file)
     return record
+
+
+def sample_and_evaluate(cfg: DictConfig, module: Any, trainer: L.Trainer, out: Path) -> dict[str, Any]:
+    """Samples for the grid (and, if enabled, for evaluation), metrics to loggers and the record."""
+    wanted = max(cfg.sample.num_samples, cfg.eval.num_samples if cfg.eval.enabled else 0)
+    if wanted == 0:
+        return {}
+    images, labels = draw_samples(
+        module.sampling_denoiser(), wanted, module.image_shape, module.num_classes, cfg.sample, seed=cfg.seed
+    )
+    paths = save_samples(images, labels, out)
+    print(f"samples: {paths['npz']}  grid: {paths['grid']}")
+    result: dict[str, Any] = {"samples": {k: str(v) for k, v in paths.items()}}
+    log_grid(trainer, paths["grid"])
+    if cfg.eval.enabled:
+        metrics = score_samples(images, labels, cfg.data, cfg.eval, seed=cfg.seed)
+        print("evaluation:\n" + format_metrics(metrics))
+        for logger in trainer.loggers:
+            logger.log_metrics(flat_metrics(metrics), step=trainer.global_step)
+            logger.save()
+        result["metrics"] = metrics
+    return result
+
+
+def log_grid(trainer: L.Trainer, grid: Path) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # W&B (and other image-capable loggers)
+            logger.log_image(key="samples", images=[str(grid)], step=trainer.global_step)

@@ -39,6 +39,15 @@ FAST_BACKBONE = DomainBackboneConfig(epochs=3)
 # --- shared data and backbone -------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on shared CPUs a second OpenMP thread mostly spins and waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def mnist5k():
     """(train_images, train_labels, test_images, test_labels), images (N, 1, 28, 28) in [-1, 1]."""
@@ -110,6 +119,9 @@ def test_domain_backbone_is_reused_from_cache(domain, mnist5k, backbone_cache, m
     assert Path(path).stat().st_mtime_ns == mtime
     for key, value in domain.extractor.state_dict().items():
         assert torch.equal(value, again.extractor.state_dict()[key])
+    # By name only, the train split comes from the data registry: same data, same cache entry.
+    by_name = build_domain_backbone("mnist5k", config=FAST_BACKBONE, cache_dir=backbone_cache)
+    assert by_name.info["from_cache"] and by_name.info["checkpoint"] == path
 
 
 def test_domain_backbone_training_is_deterministic_and_keyed_by_recipe(mnist5k, tmp_path):
@@ -152,7 +164,12 @@ def test_fid_and_kid_grow_with_the_shift(domain, mnist5k, reference_features, ki
     fids, kids = [], []
     for amount in amounts:
         result = compute_fidelity(
-            _shifted(test_x, kind, amount), reference_features, backbone=domain, metrics=("fid", "kid"), kid_subsets=20
+            _shifted(test_x, kind, amount),
+            reference_features,
+            backbone=domain,
+            metrics=("fid", "kid"),
+            kid_subset_size=500,
+            kid_subsets=10,
         )
         fids.append(result["fid"]["value"])
         kids.append(result["kid"]["value"])
@@ -242,11 +259,39 @@ def test_missing_inception_weights_give_a_clear_error(empty_torch_hub, mnist5k, 
     message = str(err.value)
     assert "inception-v3-compat" in message
     assert "weights_path" in message and "allow_download" in message and "backbone='domain'" in message
-    with pytest.raises(BackboneUnavailableError, match="does not exist"):
-        build_backbone("inception", weights_path=tmp_path / "nope.pth")
+    for request in ("inception", "auto"):  # an explicit weights file never falls back
+        with pytest.raises(BackboneUnavailableError, match="does not exist"):
+            build_backbone(request, weights_path=tmp_path / "nope.pth")
     with pytest.raises(BackboneUnavailableError):
         compute_fidelity(mnist5k[2][:10], mnist5k[0][:10], backbone="inception")
     assert available_backbones()["inception-v3-compat"].startswith("unavailable")
+
+
+def test_inception_weights_are_found_in_the_torch_hub_cache(empty_torch_hub):
+    cached = bb._inception_cache_file()
+    assert not bb.inception_weights_status()[0]
+    cached.parent.mkdir(parents=True)
+    cached.touch()  # only existence is checked; nothing is loaded here
+    available, where = bb.inception_weights_status()
+    assert available and where == str(cached)
+
+
+def test_inception_backbone_from_a_local_weights_file(empty_torch_hub, mnist5k, tmp_path, monkeypatch):
+    """The Inception code path end to end, on randomly initialised weights saved to a file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with monkeypatch.context() as patch:  # build the network without any weights, to save random ones
+        patch.setattr(torch, "load", lambda *args, **kwargs: {})
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        random_net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
+    weights = tmp_path / "inception.pth"
+    torch.save(random_net.state_dict(), weights)
+    del random_net
+
+    backbone = build_backbone("auto", weights_path=weights)
+    assert backbone.name == "inception-v3-compat"
+    feats = extract_features(backbone, mnist5k[2][:4])
+    assert feats["features"].shape == (4, 2048) and feats["logits"].shape == (4, 1008)
 
 
 def test_auto_falls_back_to_the_domain_backbone_and_says_so(empty_torch_hub, mnist5k, backbone_cache):
@@ -268,6 +313,8 @@ def test_domain_request_without_data_or_name_is_an_error(mnist5k):
         compute_fidelity(mnist5k[2][:10], mnist5k[0][:10], backbone="domain")
     with pytest.raises(ValueError, match="backbone must be one of"):
         build_backbone("vgg")
+    with pytest.raises(ValueError, match="unconditional"):
+        build_domain_backbone("celeba", mnist5k[0][:10], torch.zeros(10, dtype=torch.long))
 
 
 def test_fid_helper_is_detected_not_substituted():

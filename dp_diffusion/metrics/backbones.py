@@ -53,6 +53,7 @@ __all__ = [
     "DomainCNN",
     "DomainBackboneConfig",
     "DomainFeatureExtractor",
+    "FidHelperFeatureExtractor",
     "available_backbones",
     "build_backbone",
     "build_domain_backbone",
@@ -415,19 +416,25 @@ def default_cache_dir() -> Path:
 def _fingerprint(images: Tensor, labels: Tensor, config: DomainBackboneConfig) -> str:
     """Short hash of the training data and recipe, so a changed data set never reuses a model."""
     digest = hashlib.sha256()
-    digest.update(images.detach().cpu().float().contiguous().numpy().tobytes())
-    digest.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    digest.update(images.detach().cpu().float().contiguous().numpy())  # buffer protocol: no copy
+    digest.update(labels.detach().cpu().long().contiguous().numpy())
     digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
 
 def _train_domain_cnn(
-    images: Tensor, labels: Tensor, num_classes: int, config: DomainBackboneConfig, disable_progress: bool
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    config: DomainBackboneConfig,
+    device: str | torch.device,
+    disable_progress: bool,
 ) -> tuple[DomainCNN, float]:
     """Plain supervised training (Adam, cross-entropy), deterministic given ``config.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = DomainCNN(images.shape[1], num_classes, tuple(images.shape[2:]), config.widths, config.feature_dim)
+        net = net.to(device)
         optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
         generator = torch.Generator().manual_seed(config.seed)
         net.train()
@@ -435,18 +442,18 @@ def _train_domain_cnn(
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(images), config.batch_size):
                 idx = order[start : start + config.batch_size]
-                _, logits = net(images[idx])
-                loss = F.cross_entropy(logits, labels[idx])
+                _, logits = net(images[idx].to(device))
+                loss = F.cross_entropy(logits, labels[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
     net.eval()
     with torch.no_grad():
         correct = sum(
-            (net(images[s : s + 1024])[1].argmax(1) == labels[s : s + 1024]).sum().item()
+            (net(images[s : s + 1024].to(device))[1].argmax(1).cpu() == labels[s : s + 1024]).sum().item()
             for s in range(0, len(images), 1024)
         )
-    return net, correct / len(images)
+    return net.cpu(), correct / len(images)
 
 
 def _load_reference_from_registry(dataset: str, split: str) -> tuple[Tensor, Tensor]:
@@ -474,6 +481,7 @@ def build_domain_backbone(
     config: DomainBackboneConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    device: str | torch.device = "cpu",
     disable_progress: bool = True,
 ) -> Backbone:
     """Train (once) or load from cache a :class:`DomainCNN` on labelled reference data.
@@ -486,6 +494,7 @@ def build_domain_backbone(
             reference split of DPDM / DPImageBench FIDs).
         config: training recipe (part of the cache key).
         cache_dir: defaults to :func:`default_cache_dir`.
+        device: where to train (the cached weights are stored on the CPU).
 
     The cache file is ``<cache_dir>/<dataset>-<split>-<C>x<H>x<W>-v<version>-<hash>.pt`` where
     the hash covers the data and the recipe. The returned backbone's ``info["from_cache"]`` says
@@ -497,8 +506,15 @@ def build_domain_backbone(
     images = images.detach().cpu().float()
     labels = labels.detach().cpu().long()
     if images.dim() != 4 or len(images) != len(labels):
-        raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}"
+        )
     num_classes = num_classes or int(labels.max().item()) + 1
+    if num_classes < 2:
+        raise ValueError(
+            f"the domain backbone is a classifier and needs class labels, but '{dataset}' has a single "
+            "class (unconditional data): use Inception weights (backbone='inception') instead"
+        )
     c, h, w = images.shape[1:]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{dataset}-{split}-{c}x{h}x{w}-v{DOMAIN_BACKBONE_VERSION}-{_fingerprint(images, labels, config)}"
@@ -509,7 +525,7 @@ def build_domain_backbone(
     if from_cache:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     else:
-        net, train_accuracy = _train_domain_cnn(images, labels, num_classes, config, disable_progress)
+        net, train_accuracy = _train_domain_cnn(images, labels, num_classes, config, device, disable_progress)
         checkpoint = {
             "name": name,
             "key": key,
@@ -575,6 +591,7 @@ def build_backbone(
     allow_download: bool = False,
     cache_dir: str | os.PathLike | None = None,
     domain_config: DomainBackboneConfig | None = None,
+    device: str | torch.device = "cpu",
     disable_progress: bool = True,
 ) -> Backbone:
     """Resolve a backbone request.
@@ -590,7 +607,10 @@ def build_backbone(
     if kind is None:
         raise ValueError(f"backbone must be one of {sorted(_BACKBONE_ALIASES)}, got '{backbone}'")
     if kind == "auto":
-        inception_ok, _ = inception_weights_status(weights_path)
+        inception_ok, where = inception_weights_status(weights_path)
+        if weights_path is not None and not inception_ok:
+            # An explicit weights file that is missing is a mistake, not a reason to fall back.
+            raise BackboneUnavailableError(_inception_missing_message(where))
         kind = INCEPTION_NAME if (inception_ok or allow_download) else "domain"
     if kind == INCEPTION_NAME:
         return build_inception_backbone(weights_path, allow_download)
@@ -608,5 +628,6 @@ def build_backbone(
         split=reference_split,
         config=domain_config,
         cache_dir=cache_dir,
+        device=device,
         disable_progress=disable_progress,
     )

@@ -75,7 +75,9 @@ class CNN(nn.Module):
         )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, c, h, w)).shape[1]
-        self.classifier = nn.Sequential(nn.Linear(flat, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))

@@ -215,6 +215,7 @@ def compute_fidelity(
             allow_download=allow_download,
             cache_dir=cache_dir,
             domain_config=domain_config,
+            device=device,
             disable_progress=disable_progress,
         )
     gen = extract_features(backbone, samples, batch_size, device, disable_progress)

@@ -1,0 +1,75 @@
+"""Bad configs give one clear line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dp_diffusion.cli import CONF_DIR
+from dp_diffusion.config import ConfigError, validate_config
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_is_valid():
+    cfg = compose_config()
+    validate_config(cfg)
+    assert cfg.method.name == "dpdm" and cfg.data.name == "mnist5k" and cfg.privacy.epsilon == 10.0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("privacy.epsilon=-1", "privacy.epsilon must be a finite number > 0, got -1"),
+        ("privacy.epsilon=0", "privacy.epsilon must be a finite number > 0, got 0"),
+        ("privacy.delta=0.001", "privacy.delta must be < 1/N = 0.00025 for N=4000"),
+        ("privacy.max_grad_norm=0", "privacy.max_grad_norm must be a finite number > 0, got 0"),
+        ("privacy.max_grad_norm=-2.5", "privacy.max_grad_norm must be a finite number > 0, got -2.5"),
+        ("privacy.noise_multiplicity=0", "privacy.noise_multiplicity must be an integer >= 1, got 0"),
+        ("privacy.accountant=moments", "privacy.accountant must be one of ('prv', 'rdp'), got 'moments'"),
+        ("privacy.grad_mode=magic", "privacy.grad_mode must be one of"),
+        ("train.batch_size=5000", "train.batch_size must be an integer in [1, N=4000]"),
+        ("train.physical_batch_size=0", "train.physical_batch_size must be an integer >= 1, got 0"),
+        ("train.epochs=0", "train.epochs must be a number > 0, got 0"),
+        ("data.name=imagenet", "unknown data set 'imagenet'; data.name must be one of: mnist5k"),
+        ("method.name=gan", "method.name must be one of ['dpdm'], got 'gan'"),
+        ("sample.sampler=euler", "sample.sampler must be one of ['ddim', 'ddim_stochastic', 'edm'], got 'euler'"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(override))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dp_diffusion", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+    result = run_cli("train", "privacy.epsilon=-1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error: privacy.epsilon must be a finite number > 0, got -1" in result.stderr
+
+
+def test_cli_reports_missing_data_files_with_their_path(tmp_path):
+    result = run_cli("train", "data=mnist", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(tmp_path / "nowhere") in result.stderr and "download" in result.stderr
+
+
+def test_cli_unknown_group_option_and_command():
+    result = run_cli("train", "method=nonexistent")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "method/nonexistent" in result.stderr and "Available options" in result.stderr
+    result = run_cli("fly")
+    assert result.returncode == 2 and "unknown command 'fly'" in result.stderr
