@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from dp_diffusion.diffusion.samplers import generate
+from dp_diffusion.diffusion.samplers import generate, get_sampler
 
 
 def resolve_device(device: str) -> torch.device:
@@ -35,7 +36,8 @@ def draw_samples(
     """`num_samples` images in [-1, 1] (class-balanced labels if conditional)."""
     device = resolve_device(sample_cfg.device)
     denoiser = denoiser.to(device).eval()
-    knobs = dict(sample_cfg.knobs or {})
+    accepted = inspect.signature(get_sampler(sample_cfg.sampler)).parameters
+    knobs = {k: v for k, v in dict(sample_cfg.knobs or {}).items() if k in accepted}
     if num_classes > 0:
         knobs.update(guidance_scale=float(sample_cfg.guidance_scale), num_classes=num_classes)
     return generate(

@@ -72,6 +72,20 @@ def quiet_third_party_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def build_public_trainer(cfg: DictConfig, out: Path, max_steps: int) -> L.Trainer:
+    """A trainer for a stage trained on public or synthetic data only (no privacy state)."""
+    return instantiate(
+        cfg.trainer,
+        max_steps=max_steps,
+        max_epochs=-1,
+        default_root_dir=str(out),
+        logger=instantiate(cfg.logger, save_dir=str(out)),
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train one run end to end; returns its results record."""
     started = time.time()
@@ -91,6 +105,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     module = build_method(cfg, info, num_examples)
     module.attach_private_data(datamodule.train_set)
 
+    if cfg.resume is None:  # on resume, public stages come back with the checkpoint
+        module.fit_public_stages(lambda steps, name: build_public_trainer(cfg, out / name, steps))
     trainer = build_trainer(cfg, out, module.planned_steps, config)
     trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run
     record: dict[str, Any] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -99,6 +99,13 @@ class PrivateTrainingModule(L.LightningModule):
 
     def on_private_step(self) -> None:
         """Called after each logical step actually taken (e.g. EMA update)."""
+
+    def fit_public_stages(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
+        """Train components that never see private data, before the private fit.
+
+        `make_trainer(max_steps, name)` gives a Lightning trainer writing under
+        the run's `name/` folder. Default: nothing to do.
+        """
 
     # ---- plumbing ---------------------------------------------------------------
     def attach_private_data(self, dataset: Dataset) -> None:
