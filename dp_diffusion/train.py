@@ -11,12 +11,13 @@ from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig
 
 from dp_diffusion.build import build_method, config_to_dict
-from dp_diffusion.config import validate_config, validate_privacy
+from dp_diffusion.config import ConfigError, validate_config, validate_privacy
 from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
@@ -34,6 +35,26 @@ class StoreConfig(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+def build_logger(cfg: DictConfig, **overrides: Any) -> Any:
+    """The configured Lightning logger; a missing optional package is a config error, not a traceback."""
+    try:
+        return instantiate(cfg.logger, **overrides)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ImportError, ModuleNotFoundError)):
+            raise ConfigError(f"logger={cfg.logger._target_.rsplit('.', 1)[-1]} needs a package that is not "
+                              f"installed ({' '.join(str(cause).split())}); pip install it or choose logger=csv") from None
+        raise
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close W&B runs so the next job of a Hydra multirun starts a new one."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish()
 
 
 def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, Any]) -> L.Trainer:
@@ -55,7 +76,7 @@ def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, 
         max_steps=max_steps,
         max_epochs=-1,
         default_root_dir=str(out),
-        logger=instantiate(cfg.logger),
+        logger=build_logger(cfg),
         callbacks=callbacks,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -79,7 +100,7 @@ def build_public_trainer(cfg: DictConfig, out: Path, max_steps: int) -> L.Traine
         max_steps=max_steps,
         max_epochs=-1,
         default_root_dir=str(out),
-        logger=instantiate(cfg.logger, save_dir=str(out)),
+        logger=build_logger(cfg, save_dir=str(out)),
         enable_checkpointing=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -135,6 +156,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     record.update(sample_and_evaluate(cfg, module, trainer, out))
     record["wall_time_s"] = round(time.time() - started, 1)
     append_results(record, out / "results.jsonl", cfg.results_file)
+    finish_loggers(trainer)
     return record
 
 

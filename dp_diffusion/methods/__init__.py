@@ -2,4 +2,5 @@
 
 METHODS = {
     "dpdm": "dp_diffusion.methods.dpdm.DPDM",
+    "dp_syngen": "dp_diffusion.methods.dp_syngen.DPSynGen",
 }
