@@ -23,6 +23,8 @@ commands:
   sample     draw samples from a checkpoint:  dp-diffusion sample checkpoint=PATH
   evaluate   score samples or a checkpoint against real data:
              dp-diffusion evaluate samples=PATH.npz data=mnist5k   (or checkpoint=PATH.ckpt)
+  bench      the cost of privacy: DP step time and memory against the non-private step
+             dp-diffusion bench --model dpdm --batch-size 64 --noise-multiplicity 1,4,8,32
 
 examples:
   dp-diffusion train
@@ -73,7 +75,13 @@ def evaluate_main(cfg: DictConfig) -> None:
         run_evaluation(cfg)
 
 
-COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main}
+def bench_main() -> None:
+    from dp_diffusion.bench import main as bench
+
+    bench()
+
+
+COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> None:

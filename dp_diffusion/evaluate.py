@@ -17,6 +17,7 @@ from dp_diffusion.metrics import BackboneUnavailableError, compute_fidelity, dow
 from dp_diffusion.sampling import draw_samples, load_samples, resolve_device, save_samples
 
 REFERENCE_SPLITS = ("train", "test")
+REAL_SAMPLES = ("real-train", "real-test")
 
 
 def validate_eval(eval_cfg: DictConfig) -> None:
@@ -109,7 +110,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("give exactly one of samples=PATH.npz or checkpoint=PATH.ckpt")
     source: dict[str, Any]
     data_cfg = cfg.data
-    if cfg.samples is not None:
+    if cfg.samples in REAL_SAMPLES:
+        # The ceiling: real images scored as if they were samples.
+        datamodule = build_datamodule(**data_cfg, seed=cfg.seed)
+        datamodule.setup()
+        split = cfg.samples.removeprefix("real-")
+        images, labels = datamodule.train_tensors() if split == "train" else datamodule.test_tensors()
+        source = {"samples": cfg.samples}
+    elif cfg.samples is not None:
         path = Path(cfg.samples)
         if not path.is_file():
             raise ConfigError(f"samples must be an existing .npz written by train/sample, got {str(path)!r}")

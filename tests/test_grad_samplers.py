@@ -98,3 +98,21 @@ def test_auto_picks_grouped_and_falls_back_for_unsupported_layers():
     assert isinstance(make_per_example_gradients(odd, "auto"), FunctorchGradients)
     with pytest.raises(ValueError, match="grad_mode=functorch"):
         make_per_example_gradients(odd, "grouped")
+
+
+def test_grouped_mode_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = Probe()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 2, 9, 9, generator=g), torch.tensor([0, 3, 3, 4]), torch.randn(4, 2, 2, 9, 9, generator=g))
+    exact, _ = make_per_example_gradients(copy.deepcopy(model), "grouped")(probe_loss, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx, _ = make_per_example_gradients(copy.deepcopy(model), "grouped")(probe_loss, batch)
+    for name, value in exact.items():
+        assert approx[name].dtype == torch.float32
+        assert (approx[name] - value).norm() <= 0.05 * value.norm() + 1e-6, name
+
+
+def test_grouped_mode_refuses_compiled_modules():
+    with pytest.raises(ValueError, match="torch.compile"):
+        make_per_example_gradients(torch.compile(Probe()), "grouped")

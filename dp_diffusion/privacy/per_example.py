@@ -119,6 +119,9 @@ class GroupedGradients:
                 "privacy.grad_mode=grouped supports only Linear, Conv2d, GroupNorm and Embedding "
                 "parameters; use grad_mode=functorch for this model"
             )
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError("privacy.grad_mode=grouped cannot see inside a torch.compile'd module; "
+                             "use grad_mode=functorch or compile only for sampling")
         self.module = module
         self._records: list[tuple[nn.Module, Tensor, Tensor]] | None = None
         for layer in module.modules():
@@ -152,16 +155,29 @@ class GroupedGradients:
         finally:
             self._records = None
         per_param: dict[nn.Parameter, Tensor] = {}
-        for (layer, activations, _), g in zip(records, out_grads):
-            if g is None:
-                continue
-            for p, grad in GRAD_SAMPLERS[type(layer)](layer, activations, g, num_examples).items():
-                per_param[p] = per_param[p] + grad if p in per_param else grad
+        with torch.autocast(device_type=records[0][1].device.type, enabled=False):
+            self._accumulate(records, out_grads, num_examples, per_param)
         grads = {
             name: per_param[p] if p in per_param else p.new_zeros((num_examples, *p.shape))
             for name, p in params.items()
         }
         return grads, losses.detach()
+
+    @staticmethod
+    def _accumulate(records: list, out_grads: tuple, num_examples: int, per_param: dict) -> None:
+        """Per-example parameter gradients of every captured layer call, in the parameters' dtype."""
+        for (layer, activations, _), g in zip(records, out_grads):
+            if g is None:
+                # The layer ran but its output is not on the loss's autograd path
+                # (e.g. a compiled graph): its gradients would silently be zero.
+                raise RuntimeError(f"grouped per-example gradients: no gradient reached {type(layer).__name__}; "
+                                   "use privacy.grad_mode=functorch for this model")
+            # Under autocast, activations and output gradients may differ in dtype.
+            dtype = next(layer.parameters()).dtype
+            if activations.is_floating_point():
+                activations = activations.to(dtype)
+            for p, grad in GRAD_SAMPLERS[type(layer)](layer, activations, g.to(dtype), num_examples).items():
+                per_param[p] = per_param[p] + grad if p in per_param else grad
 
 
 def _empty_grads(params: dict[str, Tensor]) -> dict[str, Tensor]:
