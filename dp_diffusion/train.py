@@ -89,7 +89,9 @@ def quiet_third_party_noise() -> None:
     logging.getLogger("lightning.pytorch").propagate = False
     for pattern in (".*LeafSpec.*", "Optimal order is the largest alpha", ".*litlogger.*",
                     ".*does not have many workers.*", ".*ckpt_path.*", ".*not resumable.*",
-                    ".*Total length of `DataLoader` across ranks is zero.*"):
+                    ".*Total length of `DataLoader` across ranks is zero.*",
+                    # We checkpoint the state after the step: the one the accountant has counted.
+                    "Using ModelCheckpoint with manual optimization.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

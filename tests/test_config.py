@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from dp_diffusion.cli import CONF_DIR
 from dp_diffusion.config import ConfigError, validate_config
+from dp_diffusion.methods import METHODS
 
 
 def compose_config(*overrides: str):
@@ -38,7 +39,7 @@ def test_default_config_is_valid():
         ("train.physical_batch_size=0", "train.physical_batch_size must be an integer >= 1, got 0"),
         ("train.epochs=0", "train.epochs must be a number > 0, got 0"),
         ("data.name=imagenet", "unknown data set 'imagenet'; data.name must be one of: mnist5k"),
-        ("method.name=gan", "method.name must be one of ['dpdm'], got 'gan'"),
+        ("method.name=gan", f"method.name must be one of {sorted(METHODS)}, got 'gan'"),
         ("sample.sampler=euler", "sample.sampler must be one of ['ddim', 'ddim_stochastic', 'edm'], got 'euler'"),
     ],
 )

@@ -249,8 +249,8 @@ class SwitchingDenoiser(nn.Module):
     unchanged. Works for a scalar sigma and for per-row sigmas, so with every sampler.
     """
 
-    def __init__(self, ranges: StageRanges, models: Mapping[str, nn.Module], conditional: Collection[str] = ("context",),
-                 num_classes: int = 0):
+    def __init__(self, ranges: StageRanges, models: Mapping[str, nn.Module],
+                 conditional: Collection[str] = ("context",), num_classes: int = 0):
         super().__init__()
         missing = sorted(set(ranges.present()) - set(models))
         if missing:

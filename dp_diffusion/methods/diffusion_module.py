@@ -6,14 +6,29 @@ Shared by the methods that train a pixel-space diffusion model with DP-SGD
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.privacy import PrivacySpec, PrivateTrainingModule
+
+
+def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+
+    A fixed 0.999 (DPDM, 4,500 steps) would leave a short CPU run's EMA mostly at
+    its random initialisation; the ramp makes no difference to long runs.
+    """
+
+    def update(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        n = float(num_averaged)
+        rate = min(decay, (1.0 + n) / (10.0 + n))
+        return rate * averaged + (1.0 - rate) * current
+
+    return update
 
 
 class PrivateDiffusion(PrivateTrainingModule):
@@ -38,7 +53,7 @@ class PrivateDiffusion(PrivateTrainingModule):
         self.loss = loss
         self.denoiser = loss.precondition(backbone)
         # EMA of the weights (DPDM: 0.999), updated once per logical step taken.
-        self.ema = AveragedModel(self.denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.denoiser, avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes

@@ -274,17 +274,12 @@ class DPSynGen(PrivateDiffusion):
                        "DP-SGD", *notes],
             )
         context = self.ranges.describe("context")
-        stages = self.synthetic_stages()
-        shared = SHARED in self.stage_models
-        never = [f"{stage} stage model ({self.ranges.describe(stage)}): synthetic {family} images only"
-                 + (" (one model shared by the coarse and cleaning stages)" if shared else "")
-                 for stage in stages]
+        synthetic = [f"{key.replace('_', ' + ')} stage model ({self._range_text(key)})" for key in self.stage_models]
         return Coverage(
-            released=[f"context stage EMA denoiser ({context})",
-                      *(f"{stage} stage model ({self.ranges.describe(stage)})" for stage in stages),
+            released=[f"context stage EMA denoiser ({context})", *synthetic,
                       "the switching sampler combining them (one checkpoint), and samples drawn from it"],
             trained_with_dp=[f"context stage denoiser (all parameters; private data seen only at {context})"],
-            never_saw_private_data=never,
+            never_saw_private_data=[f"{model}: synthetic {family} images only" for model in synthetic],
             notes=[f"stage boundaries (log_tau_coarse={self.ranges.log_tau_coarse}, "
                    f"log_tau_cleaning={self.ranges.log_tau_cleaning}) are fixed in the config, not chosen "
                    "from private data", *notes],
