@@ -39,14 +39,9 @@ from dp_diffusion.train import StoreConfig
 E2, EM3 = math.exp(2.0), math.exp(-3.0)
 P_MEAN, P_STD = -1.2, 1.2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: on shared CPUs a second OpenMP thread mostly spins and waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 # --- stage ranges ----------------------------------------------------------------------------------

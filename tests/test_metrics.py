@@ -35,17 +35,12 @@ from dp_diffusion.metrics.fidelity import (
 
 FAST_BACKBONE = DomainBackboneConfig(epochs=3)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- shared data and backbone -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on shared CPUs a second OpenMP thread mostly spins and waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
