@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from dp_diffusion.config import ConfigError, validate_sampling
@@ -128,8 +127,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
         validate_sampling(cfg.sample)
         module = load_trained(cfg.checkpoint)
-        stored = OmegaConf.create(torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)["dp_diffusion_config"])
-        data_cfg = stored.data if cfg.data_from_checkpoint else cfg.data
+        data_cfg = module.run_config.data if cfg.data_from_checkpoint else cfg.data
         images, labels = draw_samples(module.sampling_denoiser(), cfg.eval.num_samples, module.image_shape,
                                       module.num_classes, cfg.sample, seed=cfg.seed)
         save_samples(images, labels, Path(cfg.checkpoint).parent.parent / "eval_samples")

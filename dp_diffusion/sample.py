@@ -29,6 +29,7 @@ def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
     module = build_method(cfg, info)
     module.load_state_dict(state["state_dict"])
     module.on_load_checkpoint(state)
+    module.run_config = cfg  # the training config, e.g. to evaluate against its data set
     return module
 
 
