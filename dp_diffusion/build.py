@@ -11,6 +11,9 @@ from dp_diffusion.config import ConfigError
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.privacy import PrivacySpec, PrivateTrainingModule, plan_steps
 
+# Where `dp-diffusion train` stores the resolved run config in each checkpoint.
+CONFIG_KEY = "dp_diffusion_config"
+
 
 def planned_steps(cfg: DictConfig, num_examples: int) -> int:
     if cfg.train.steps is not None:

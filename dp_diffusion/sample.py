@@ -7,13 +7,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dp_diffusion.build import build_method
+from dp_diffusion.build import CONFIG_KEY, build_method
 from dp_diffusion.config import ConfigError, validate_sampling
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.sampling import draw_samples, save_samples
 
-CONFIG_KEY = "dp_diffusion_config"
 
 
 def load_trained(checkpoint: str | Path) -> PrivateDiffusion:

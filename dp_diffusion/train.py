@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig
 
-from dp_diffusion.build import build_method, config_to_dict
+from dp_diffusion.build import CONFIG_KEY, build_method, config_to_dict
 from dp_diffusion.config import ConfigError, validate_config, validate_privacy
 from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
@@ -24,7 +24,6 @@ from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.sampling import draw_samples, save_samples
 
 log = logging.getLogger(__name__)
-CONFIG_KEY = "dp_diffusion_config"
 
 
 class StoreConfig(Callback):

@@ -326,8 +326,9 @@ def test_missing_split_files_are_listed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("error", [URLError("no route to host"), RuntimeError("Error downloading train-images")])
 def test_failed_download_becomes_dataset_not_found(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, no_network: None
 ) -> None:
+    # The download itself is replaced by a stub that fails: no network is used.
     def fail(root: Path) -> None:
         raise error
 
@@ -338,7 +339,8 @@ def test_failed_download_becomes_dataset_not_found(
     assert str(tmp_path.resolve() / "MNIST") in str(excinfo.value)
 
 
-def test_download_skipped_when_files_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_skipped_when_files_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
+    # The files are made here; asking for a download must then not touch the network.
     def fail(root: Path) -> None:
         raise AssertionError("must not download")
 

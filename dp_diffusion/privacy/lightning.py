@@ -15,7 +15,6 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
@@ -191,8 +190,3 @@ class PrivateTrainingModule(L.LightningModule):
             self.privacy_spec, self.ensure_plan(), self.ledger, self.privacy_coverage(), self.stopped_by_budget
         )
 
-
-def load_privacy_state(path: str) -> dict[str, Any] | None:
-    """The privacy state stored in a checkpoint file, without building the module."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return checkpoint.get(CHECKPOINT_KEY)

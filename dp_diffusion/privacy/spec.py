@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dp_diffusion.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+from dp_diffusion.privacy.accounting import calibrate_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,3 @@ def make_plan(spec: PrivacySpec, num_examples: int, batch_size: int, steps: int)
         expected_batch_size=batch_size,
     )
 
-
-def planned_epsilon(plan: PrivacyPlan, delta: float) -> float:
-    return epsilon_for(plan.noise_multiplier, plan.sample_rate, plan.steps, delta, plan.accountant)
