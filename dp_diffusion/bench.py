@@ -47,6 +47,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from dp_diffusion import allocator
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.diffusion.samplers import SAMPLERS, generate
 from dp_diffusion.privacy import PrivacyLedger, PrivacySpec, PrivateOptimization, make_plan
@@ -311,6 +312,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
+        "malloc": allocator.describe(),
     }
     if device.type == "cuda":
         env.update(
@@ -750,6 +752,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m dp_diffusion.bench ...` and `dp-diffusion bench ...`."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    allocator.keep_freed_memory()  # also for `python -m dp_diffusion.bench`
     variants = None if args.variants.strip().lower() == "auto" else _list(str)(args.variants)
     if args.compare is not None and not Path(args.compare).is_file():
         parser.error(f"--compare: no such file {args.compare!r}")

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [f"dp-diffusion {command}", *rest]
+    from dp_diffusion.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates anything large; see allocator.py
     COMMANDS[command]()
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dp_diffusion.allocator import keep_freed_memory
+
+keep_freed_memory()  # as the `dp-diffusion` command does
+
 
 @pytest.fixture(scope="module")
 def one_thread():
