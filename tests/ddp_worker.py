@@ -1,6 +1,6 @@
 """Run by test_ddp.py: 2-process Lightning DDP on CPU (gloo) with the privacy core.
 
-Usage: python ddp_worker.py OUT_DIR {weights,noise}
+Usage: python ddp_worker.py OUT_DIR {weights,noise} [GRAD_MODE]
 Each rank saves its parameters before and after training to OUT_DIR/rank{r}.pt.
 """
 
@@ -32,10 +32,11 @@ class SaveWeights(L.Callback):
 
 def main() -> None:
     out, kind = Path(sys.argv[1]), sys.argv[2]
+    grad_mode = sys.argv[3] if len(sys.argv) > 3 else "auto"
     L.seed_everything(0, verbose=False)
     # A huge epsilon target with a given sigma: the test is about noise, not budget.
     spec = PrivacySpec(epsilon=1e6, delta=1e-3, accountant="rdp", noise_multiplier=2.0, max_grad_norm=0.5,
-                       noise_multiplicity=2)
+                       noise_multiplicity=2, grad_mode=grad_mode)
     dim = 400 if kind == "noise" else 6
     module = ToyRegression(spec, dim=dim, batch_size=16, physical_batch_size=5, steps=4, lr=1.0 if kind == "noise" else 0.1,
                            zero_grad_model=kind == "noise")

@@ -7,50 +7,14 @@ import copy
 
 import pytest
 import torch
+from toy_models import Probe, loop_per_example_grads, probe_loss
 from torch import nn
 
 from dp_diffusion.diffusion.losses import EDMLoss
 from dp_diffusion.nets import UNet
-from dp_diffusion.privacy.per_example import GRAD_MODES, make_per_example_gradients
+from dp_diffusion.privacy.per_example import PER_EXAMPLE_MODES, make_per_example_gradients
 
-MODES = [m for m in GRAD_MODES if m != "auto"]
-
-
-class Probe(nn.Module):
-    """One of each supported layer type, with awkward settings (stride, groups, no bias)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(5, 6)
-        self.conv = nn.Conv2d(2, 6, 3, stride=2, padding=1)
-        self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
-        self.norm = nn.GroupNorm(3, 6)
-        self.head = nn.Linear(6, 1)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x) + self.embed(labels)[:, :, None, None]
-        h = torch.tanh(self.norm(self.grouped(h)))
-        return self.head(h.mean(dim=(2, 3))).squeeze(1)
-
-
-def probe_loss(model, batch):
-    """Mean over K noisy draws of each example (rows ordered example-major)."""
-    x, labels, noise = batch
-    b, k = noise.shape[:2]
-    rows = (x.unsqueeze(1) + noise).reshape(b * k, *x.shape[1:])
-    out = model(rows, labels.repeat_interleave(k))
-    return (out.reshape(b, k) ** 2).mean(1)
-
-
-def naive(model: nn.Module, loss_fn, batch) -> list[dict[str, torch.Tensor]]:
-    grads = []
-    for i in range(batch[0].shape[0]):
-        model.zero_grad()
-        example = tuple(t[i : i + 1] for t in batch[:2]) + ({k: v[i : i + 1] for k, v in batch[2].items()},) \
-            if isinstance(batch[2], dict) else tuple(t[i : i + 1] for t in batch)
-        loss_fn(model, example).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    return grads
+MODES = list(PER_EXAMPLE_MODES)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -60,7 +24,7 @@ def test_each_layer_type_matches_naive_loop(mode):
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 2, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 3, 3, 4]),
              torch.randn(4, 3, 2, 9, 9, generator=g, dtype=torch.float64))
-    expected = naive(copy.deepcopy(model), probe_loss, batch)
+    expected = loop_per_example_grads(copy.deepcopy(model), probe_loss, batch)
     grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(probe_loss, batch)
     for name in expected[0]:
         for i in range(4):
@@ -82,7 +46,7 @@ def test_unet_with_noise_multiplicity_matches_naive_loop(mode):
     def loss_fn(model, b):
         return loss(model, b[0], b[1], b[2])
 
-    expected = naive(copy.deepcopy(denoiser), loss_fn, (images, labels, draw))
+    expected = loop_per_example_grads(copy.deepcopy(denoiser), loss_fn, (images, labels, draw))
     grads, losses = make_per_example_gradients(copy.deepcopy(denoiser), mode)(loss_fn, (images, labels, draw))
     assert losses.shape == (3,)
     for name in expected[0]:

@@ -28,6 +28,7 @@ from dp_diffusion.privacy import (
 from dp_diffusion.privacy.per_example import make_per_example_gradients
 
 MODES = ["grouped", "functorch", "opacus"]
+ENGINE_MODES = [*MODES, "ghost"]  # ghost forms clipped sums only, so it is tested through the engine
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -77,7 +78,7 @@ def test_per_example_gradient_is_gradient_of_k_averaged_loss(mode):
     assert losses.shape == (6,)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_update_is_mean_of_clipped_per_example_gradients(mode):
     """Noise off: one logical step (split in physical chunks) equals the naive clipped mean."""
     torch.manual_seed(1)
@@ -102,11 +103,12 @@ def test_update_is_mean_of_clipped_per_example_gradients(mode):
     assert ledger.steps == 1  # three physical chunks, one logical step
 
 
-def test_noise_std_matches_sigma_c_over_b():
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_noise_std_matches_sigma_c_over_b(mode):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(400, 10), nn.Linear(10, 1))  # 4,021 parameters
     sigma, clip, expected_batch = 2.0, 0.5, 16
-    spec = PrivacySpec(max_grad_norm=clip, noise_multiplier=sigma, delta=1e-3)
+    spec = PrivacySpec(max_grad_norm=clip, noise_multiplier=sigma, delta=1e-3, grad_mode=mode)
     engine, _ = engine_for(net, spec, num_examples=160, batch_size=expected_batch, physical=8)
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
     batch = make_batch(16, 400, k=1)
@@ -117,10 +119,11 @@ def test_noise_std_matches_sigma_c_over_b():
     assert delta.std().item() == pytest.approx(expected_std, rel=0.05)
 
 
-def test_empty_poisson_batch_still_adds_noise_and_counts():
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_empty_poisson_batch_still_adds_noise_and_counts(mode):
     torch.manual_seed(0)
     net = nn.Linear(50, 1)
-    spec = PrivacySpec(max_grad_norm=1.0, noise_multiplier=1.0, delta=1e-3)
+    spec = PrivacySpec(max_grad_norm=1.0, noise_multiplier=1.0, delta=1e-3, grad_mode=mode)
     engine, ledger = engine_for(net, spec, num_examples=100, batch_size=10, physical=4)
     before = net.weight.detach().clone()
     engine.step(lambda m, b: per_example_loss(m, b, 0.5), make_batch(0, 50, k=2))

@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from dp_diffusion.privacy import Coverage, PrivacySpec, PrivateTrainingModule
+from dp_diffusion.privacy.per_example import batch_size_of
 
 
 class ToyRegression(PrivateTrainingModule):
@@ -59,3 +61,40 @@ def toy_dataset(n: int = 64, dim: int = 6, seed: int = 0) -> torch.utils.data.Te
     x = torch.randn(n, dim, generator=g)
     y = (x @ torch.randn(dim, generator=g)).unsqueeze(1).squeeze(1) * 3.0
     return torch.utils.data.TensorDataset(x, y)
+
+
+class Probe(nn.Module):
+    """One of each supported layer type, with awkward settings (stride, groups, no bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 6)
+        self.conv = nn.Conv2d(2, 6, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
+        self.norm = nn.GroupNorm(3, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x) + self.embed(labels)[:, :, None, None]
+        h = torch.tanh(self.norm(self.grouped(h)))
+        return self.head(h.mean(dim=(2, 3))).squeeze(1)
+
+
+def probe_loss(model, batch):
+    """Mean over K noisy draws of each example (rows ordered example-major)."""
+    x, labels, noise = batch
+    b, k = noise.shape[:2]
+    rows = (x.unsqueeze(1) + noise).reshape(b * k, *x.shape[1:])
+    out = model(rows, labels.repeat_interleave(k))
+    return (out.reshape(b, k) ** 2).mean(1)
+
+
+def loop_per_example_grads(model: nn.Module, loss_fn, batch) -> list[dict[str, torch.Tensor]]:
+    """Reference: one backward per example; `batch` is a pytree of tensors with examples first."""
+    grads = []
+    for i in range(batch_size_of(batch)):
+        model.zero_grad()
+        example = tree_map(lambda t: t[i : i + 1], batch)
+        loss_fn(model, example).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return grads

@@ -8,6 +8,12 @@ averages K noise draws (noise multiplicity) without B*K per-example gradients,
 and a logical Poisson batch split into physical chunks inside one Lightning
 step with exactly one accountant step per logical batch (Opacus's
 `BatchMemoryManager` does not fit a Lightning train loader).
+
+With `grad_mode=ghost` no per-example gradients are formed: each chunk adds
+its clipped sum to `p.grad` (`ghost.GhostClipping`), and Opacus's
+`DPOptimizerFastGradientClipping` (`DistributedDPOptimizerFastGradientClipping`
+under DDP) only adds the noise, scales by the expected batch size and calls the
+same accountant hook.
 """
 
 from __future__ import annotations
@@ -16,12 +22,18 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
 from dp_diffusion.privacy.accounting import PrivacyLedger
+from dp_diffusion.privacy.ghost import GhostClipping
 from dp_diffusion.privacy.per_example import (
     PerExampleLoss,
     batch_size_of,
@@ -66,8 +78,14 @@ class PrivateOptimization:
         self.params = trainable_parameters(module)
         self.distributed = is_distributed()
         self.world_size = dist.get_world_size() if self.distributed else 1
+        self.ghost: GhostClipping | None = None
         if spec.enabled:
-            optimizer_cls = DistributedDPOptimizer if self.distributed else DPOptimizer
+            if spec.grad_mode == "ghost":
+                # Clipping happens in GhostClipping; these optimizers only noise, scale and account.
+                optimizer_cls = (DistributedDPOptimizerFastGradientClipping if self.distributed
+                                 else DPOptimizerFastGradientClipping)
+            else:
+                optimizer_cls = DistributedDPOptimizer if self.distributed else DPOptimizer
             self.optimizer: Optimizer = optimizer_cls(
                 optimizer,
                 noise_multiplier=plan.noise_multiplier,
@@ -78,7 +96,10 @@ class PrivateOptimization:
                 secure_mode=spec.secure_mode,
             )
             self.optimizer.attach_step_hook(self._account)
-            self.gradients = make_per_example_gradients(module, spec.grad_mode)
+            if spec.grad_mode == "ghost":
+                self.ghost = GhostClipping(module, spec.max_grad_norm)
+            else:
+                self.gradients = make_per_example_gradients(module, spec.grad_mode)
         else:
             self.optimizer = optimizer
 
@@ -98,7 +119,9 @@ class PrivateOptimization:
         """
         optimizer_step = optimizer_step or self.optimizer.step
         chunks = split_batch(batch, self.physical_batch_size)
-        if self.spec.enabled:
+        if self.ghost is not None:
+            loss_sum = self._ghost_chunks(loss_fn, chunks)
+        elif self.spec.enabled:
             loss_sum = self._private_chunks(loss_fn, chunks)
         else:
             loss_sum = self._non_private_chunks(loss_fn, chunks)
@@ -122,6 +145,20 @@ class PrivateOptimization:
                 self.optimizer.clip_and_accumulate()
                 for p in self.params.values():
                     p.grad_sample = None
+        return loss_sum
+
+    def _ghost_chunks(self, loss_fn: PerExampleLoss, chunks: list[Any]) -> Tensor:
+        # The DP optimizer noises whatever p.grad holds: it must be exactly
+        # this step's clipped sum, or a stray gradient would go out unclipped.
+        for p in self.params.values():
+            p.grad = None
+        loss_sum = torch.zeros(())
+        for chunk in chunks:
+            _, losses = self.ghost(loss_fn, chunk)
+            loss_sum = loss_sum + losses.sum().cpu()
+        for p in self.params.values():
+            if p.grad is None:  # empty batch (Poisson): the update is noise only
+                p.grad = torch.zeros_like(p)
         return loss_sum
 
     def _non_private_chunks(self, loss_fn: PerExampleLoss, chunks: list[Any]) -> Tensor:

@@ -18,11 +18,20 @@ Modes:
   K rows of each example are summed. Memory O(B*K x params): kept as the
   reference implementation and benchmark baseline (stock Opacus has no noise
   multiplicity; the DPDM authors forked it).
+- "ghost": no per-example gradients at all: the same hooks give per-example
+  gradient *norms* (ghost norms for Linear layers where cheaper, else one
+  layer at a time), and a second backward of the clip-weighted loss forms the
+  clipped sum (see `ghost.py`). Memory O(B x largest layer) instead of
+  O(B x params), for a second backward pass; "auto" never picks it, as it
+  trades time for memory.
+
+`LayerCapture` is the hook machinery that "grouped" and "ghost" share.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +41,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS, supports
 
 PerExampleLoss = Callable[[Callable[..., Tensor], Any], Tensor]
-GRAD_MODES = ("auto", "grouped", "functorch", "opacus")
+# Modes that form per-example gradients (`make_per_example_gradients`); "ghost"
+# forms only their norms and the clipped sum (`ghost.GhostClipping`).
+PER_EXAMPLE_MODES = ("grouped", "functorch", "opacus")
+GRAD_MODES = ("auto", *PER_EXAMPLE_MODES, "ghost")
 
 
 class PerExampleGradients(Protocol):
@@ -110,23 +122,46 @@ class OpacusHookGradients:
         return grads, losses.detach()
 
 
-class GroupedGradients:
-    """Per-example gradients from layer hooks and grouped native kernels (no autograd weight grads)."""
+class CapturedCall(NamedTuple):
+    """One call of a hooked layer: its (detached) input and its output, whose gradient is asked for."""
+
+    layer: nn.Module
+    activations: Tensor
+    output: Tensor
+
+
+def check_hookable(module: nn.Module, mode: str) -> None:
+    """Raise a one-line ValueError unless layer hooks see every trainable parameter of `module`."""
+    if not supports(module):
+        raise ValueError(
+            f"privacy.grad_mode={mode} supports only Linear, Conv2d, GroupNorm and Embedding "
+            "parameters; use grad_mode=functorch for this model"
+        )
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(f"privacy.grad_mode={mode} cannot see inside a torch.compile'd module; "
+                         "use grad_mode=functorch or compile only for sampling")
+
+
+class LayerCapture:
+    """Forward hooks on every supported layer of `module` with trainable parameters.
+
+    Inactive (a no-op) except inside `recording()`, which yields the list the
+    layer calls of that forward are appended to, in call order.
+    """
 
     def __init__(self, module: nn.Module) -> None:
-        if not supports(module):
-            raise ValueError(
-                "privacy.grad_mode=grouped supports only Linear, Conv2d, GroupNorm and Embedding "
-                "parameters; use grad_mode=functorch for this model"
-            )
-        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
-            raise ValueError("privacy.grad_mode=grouped cannot see inside a torch.compile'd module; "
-                             "use grad_mode=functorch or compile only for sampling")
-        self.module = module
-        self._records: list[tuple[nn.Module, Tensor, Tensor]] | None = None
+        self._records: list[CapturedCall] | None = None
         for layer in module.modules():
             if type(layer) in GRAD_SAMPLERS and any(p.requires_grad for p in layer.parameters(recurse=False)):
                 layer.register_forward_hook(self._capture)
+
+    @contextmanager
+    def recording(self) -> Iterator[list[CapturedCall]]:
+        self._records = records = []
+        try:
+            yield records
+        finally:
+            self._records = None
 
     def _capture(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if self._records is None:
@@ -135,8 +170,43 @@ class GroupedGradients:
             # Nothing upstream needs a gradient (first layer, label embedding):
             # make the output a leaf so its gradient can be asked for.
             output = output.detach().requires_grad_(True)
-        self._records.append((layer, inputs[0].detach(), output))
+        self._records.append(CapturedCall(layer, inputs[0].detach(), output))
         return output
+
+
+def layer_call_inputs(call: CapturedCall, out_grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A captured call's activations and output gradient, in its parameters' dtype (for `GRAD_SAMPLERS`)."""
+    if out_grad is None:
+        # The layer ran but its output is not on the loss's autograd path
+        # (e.g. a compiled graph): its gradients would silently be zero.
+        raise RuntimeError(f"per-example gradients: no gradient reached {type(call.layer).__name__}; "
+                           "use privacy.grad_mode=functorch for this model")
+    # Under autocast, activations and output gradients may differ in dtype.
+    dtype = next(call.layer.parameters()).dtype
+    activations = call.activations.to(dtype) if call.activations.is_floating_point() else call.activations
+    return activations, out_grad.to(dtype)
+
+
+def accumulate_layer_grads(
+    calls: list[CapturedCall],
+    out_grads: Sequence[Tensor | None],
+    num_examples: int,
+    per_param: dict[nn.Parameter, Tensor],
+) -> None:
+    """Add each call's per-example parameter gradients into `per_param` (summed over calls of shared layers)."""
+    for call, g in zip(calls, out_grads):
+        activations, g = layer_call_inputs(call, g)
+        for p, grad in GRAD_SAMPLERS[type(call.layer)](call.layer, activations, g, num_examples).items():
+            per_param[p] = per_param[p] + grad if p in per_param else grad
+
+
+class GroupedGradients:
+    """Per-example gradients from layer hooks and grouped native kernels (no autograd weight grads)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        check_hookable(module, "grouped")
+        self.module = module
+        self.capture = LayerCapture(module)
 
     def __call__(self, loss_fn: PerExampleLoss, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         params = trainable_parameters(self.module)
@@ -146,38 +216,17 @@ class GroupedGradients:
         # Detached parameters: autograd computes input gradients only; the
         # weight gradients are formed per example from the captured tensors.
         detached = {k: p.detach() for k, p in self.module.named_parameters()}
-        self._records = []
-        try:
-            with torch.enable_grad():
-                losses = loss_fn(lambda *a, **kw: functional_call(self.module, detached, a, kw), batch)
-                records = self._records
-                out_grads = torch.autograd.grad(losses.sum(), [r[2] for r in records], allow_unused=True)
-        finally:
-            self._records = None
+        with self.capture.recording() as records, torch.enable_grad():
+            losses = loss_fn(lambda *a, **kw: functional_call(self.module, detached, a, kw), batch)
+            out_grads = torch.autograd.grad(losses.sum(), [r.output for r in records], allow_unused=True)
         per_param: dict[nn.Parameter, Tensor] = {}
-        with torch.autocast(device_type=records[0][1].device.type, enabled=False):
-            self._accumulate(records, out_grads, num_examples, per_param)
+        with torch.autocast(device_type=losses.device.type, enabled=False):
+            accumulate_layer_grads(records, out_grads, num_examples, per_param)
         grads = {
             name: per_param[p] if p in per_param else p.new_zeros((num_examples, *p.shape))
             for name, p in params.items()
         }
         return grads, losses.detach()
-
-    @staticmethod
-    def _accumulate(records: list, out_grads: tuple, num_examples: int, per_param: dict) -> None:
-        """Per-example parameter gradients of every captured layer call, in the parameters' dtype."""
-        for (layer, activations, _), g in zip(records, out_grads):
-            if g is None:
-                # The layer ran but its output is not on the loss's autograd path
-                # (e.g. a compiled graph): its gradients would silently be zero.
-                raise RuntimeError(f"grouped per-example gradients: no gradient reached {type(layer).__name__}; "
-                                   "use privacy.grad_mode=functorch for this model")
-            # Under autocast, activations and output gradients may differ in dtype.
-            dtype = next(layer.parameters()).dtype
-            if activations.is_floating_point():
-                activations = activations.to(dtype)
-            for p, grad in GRAD_SAMPLERS[type(layer)](layer, activations, g.to(dtype), num_examples).items():
-                per_param[p] = per_param[p] + grad if p in per_param else grad
 
 
 def _empty_grads(params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -194,4 +243,7 @@ def make_per_example_gradients(module: nn.Module, mode: str = "auto") -> PerExam
         return FunctorchGradients(module)
     if mode == "opacus":
         return OpacusHookGradients(module)
+    if mode == "ghost":
+        raise ValueError("privacy.grad_mode=ghost forms clipped sums, not per-example gradients; "
+                         "use dp_diffusion.privacy.ghost.GhostClipping")
     raise ValueError(f"privacy.grad_mode must be one of {GRAD_MODES}, got {mode!r}")
