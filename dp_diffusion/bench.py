@@ -4,8 +4,9 @@ On one model, one batch and one device this times
 
 1. the non-private step: forward + backward + Adam on the mean per-example
    loss of B examples with K noise draws each (B*K rows): the baseline;
-2. the DP step, `PrivateOptimization.step` with one physical chunk of B, for
-   each per-example gradient mode (grouped, functorch, opacus) and each noise
+2. the DP step, `PrivateOptimization.step` (one physical chunk of B unless
+   `--physical-batch-size`), for each per-example gradient mode (grouped,
+   functorch, opacus, ghost clipping) and each noise
    multiplicity K; the baseline is re-timed at every K (its work grows with K
    too) and every DP row is divided by the baseline at the same K;
 3. sampling throughput of each sampler with the raw (EMA-free) denoiser;
@@ -51,12 +52,14 @@ from dp_diffusion import allocator
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.diffusion.samplers import SAMPLERS, generate
 from dp_diffusion.privacy import PrivacyLedger, PrivacySpec, PrivateOptimization, make_plan
+from dp_diffusion.privacy.engine import split_batch
 from dp_diffusion.privacy.grad_samplers import supports
-from dp_diffusion.privacy.per_example import make_per_example_gradients, trainable_parameters
+from dp_diffusion.privacy.per_example import batch_size_of, make_per_example_gradients, trainable_parameters
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODELS = ("tiny", "dpdm")
-GRAD_MODES = ("grouped", "functorch", "opacus")
+GRAD_MODES = ("grouped", "functorch", "opacus", "ghost")
+NEEDS_GRAD_SAMPLERS = ("grouped", "ghost")  # modes built on privacy/grad_samplers.py
 VARIANTS = {"bf16": "bf16 autocast", "channels_last": "channels-last", "compile": "torch.compile"}
 # MNIST-shaped data, as for the default DPDM UNet (conf/model/dpdm.yaml).
 IMAGE_SHAPE = (1, 28, 28)
@@ -137,27 +140,34 @@ def per_example_loss_fn(loss: DiffusionLoss, device: torch.device, variant: str 
 
 
 def nonprivate_step(denoiser: nn.Module, loss: DiffusionLoss, batch: Any, device: torch.device,
-                    variant: str | None = None) -> Callable[[], None]:
-    """Forward + backward + Adam on the mean per-example loss: the limit DP-SGD is measured against."""
+                    variant: str | None = None, physical_batch_size: int | None = None) -> Callable[[], None]:
+    """Forward + backward + Adam on the mean per-example loss: the limit DP-SGD is measured against.
+
+    With `physical_batch_size`, gradients accumulate over the same chunks the DP step uses.
+    """
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=LR)
     loss_fn = per_example_loss_fn(loss, device, variant)
+    size = batch_size_of(batch)
+    chunks = split_batch(batch, physical_batch_size or size)
 
     def step() -> None:
-        loss_fn(denoiser, batch).mean().backward()
+        for chunk in chunks:
+            (loss_fn(denoiser, chunk).sum() / size).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def private_engine(denoiser: nn.Module, mode: str, batch_size: int, noise_multiplicity: int) -> PrivateOptimization:
-    """`PrivateOptimization` for one logical batch of `batch_size` in one physical chunk."""
+def private_engine(denoiser: nn.Module, mode: str, batch_size: int, noise_multiplicity: int,
+                   physical_batch_size: int | None = None) -> PrivateOptimization:
+    """`PrivateOptimization` for one logical batch of `batch_size` in chunks of `physical_batch_size` (default: one)."""
     spec = PrivacySpec(enabled=True, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
                        noise_multiplicity=noise_multiplicity, grad_mode=mode, accountant="rdp")
     plan = make_plan(spec, num_examples=NUM_EXAMPLES, batch_size=batch_size, steps=1000)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=LR)
     return PrivateOptimization(denoiser, optimizer, spec, plan, PrivacyLedger(delta=spec.delta, accountant="rdp"),
-                               physical_batch_size=batch_size)
+                               physical_batch_size=physical_batch_size or batch_size)
 
 
 def gradient_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> tuple[float, int]:
@@ -333,11 +343,14 @@ def default_out(device: torch.device, model: str) -> Path:
 
 def _check_settings(model: str, batch_size: int, noise_multiplicities: Sequence[int], modes: Sequence[str],
                     samplers: Sequence[str], sample_steps: int, sample_batch: int, repeats: int, warmup: int,
-                    variants: Sequence[str], threads: int | None) -> None:
+                    variants: Sequence[str], threads: int | None, physical_batch_size: int | None = None) -> None:
     if model not in MODELS:
         raise BenchSettingsError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if batch_size < 1:
         raise BenchSettingsError(f"--batch-size must be >= 1, got {batch_size}")
+    if physical_batch_size is not None and not 1 <= physical_batch_size <= batch_size:
+        raise BenchSettingsError(
+            f"--physical-batch-size must be in [1, --batch-size={batch_size}], got {physical_batch_size}")
     if not noise_multiplicities or min(noise_multiplicities) < 1:
         raise BenchSettingsError(
             f"--noise-multiplicity must be a list of integers >= 1, got {list(noise_multiplicities)}")
@@ -387,18 +400,21 @@ def run_benchmark(
     variants: Sequence[str] | None = None,
     seed: int = 0,
     verbose: bool = True,
+    physical_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Times everything (see the module docstring), writes `out`.md / .json, prints the tables; returns the results.
 
     `variants=None`: bf16 / channels-last / torch.compile rows on CUDA, none on CPU.
     `out=None`: `default_out(device, model)`. `threads` applies for this call only.
+    `physical_batch_size`: examples per forward/backward chunk in every training row (default: the whole
+    batch); large K needs it to fit in memory.
     """
     dev = resolve_device(device)
     if variants is None:
         variants = tuple(VARIANTS) if dev.type == "cuda" else ()
     noise_multiplicities = sorted({int(k) for k in noise_multiplicities})
     _check_settings(model, batch_size, noise_multiplicities, modes, samplers, sample_steps, sample_batch, repeats,
-                    warmup, variants, threads)
+                    warmup, variants, threads, physical_batch_size)
     previous = None
     if compare is not None:
         with open(compare) as f:
@@ -407,7 +423,7 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose)
+        bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose, physical_batch_size)
         train_rows = []
         for k in noise_multiplicities:
             train_rows += bench.training_rows(k, modes, variants)
@@ -421,6 +437,7 @@ def run_benchmark(
         "env": env,
         "settings": {
             "model": model, "num_params": bench.num_params, "batch_size": batch_size,
+            "physical_batch_size": bench.physical_batch_size,
             "noise_multiplicities": noise_multiplicities, "modes": list(modes), "samplers": list(samplers),
             "sample_steps": sample_steps, "sample_batch": sample_batch, "repeats": repeats, "warmup": warmup,
             "variants": list(variants), "seed": seed, "memory": bench.memory.label,
@@ -453,8 +470,9 @@ class _Benchmark:
     """One model, loss and device; builds and times each row on a fresh copy of the model."""
 
     def __init__(self, model: str, batch_size: int, device: torch.device, repeats: int, warmup: int, seed: int,
-                 verbose: bool) -> None:
+                 verbose: bool, physical_batch_size: int | None = None) -> None:
         self.model, self.batch_size, self.device = model, batch_size, device
+        self.physical_batch_size = physical_batch_size or batch_size
         self.repeats, self.warmup, self.seed, self.verbose = repeats, warmup, seed, verbose
         template, self.loss = build_denoiser(model, seed)
         # Never trained, hooked or compiled itself: every row deep-copies it.
@@ -473,10 +491,12 @@ class _Benchmark:
             f"MNIST shape {IMAGE_SHAPE}, {NUM_CLASSES} classes; EDM loss (conf/diffusion/edm.yaml); "
             "weights: init + N(0, 0.01^2) so no gradient is identically zero",
             f"non-private: forward + backward + Adam on the mean loss of B={self.batch_size} examples "
-            "x K draws (B*K rows)",
-            "DP: PrivateOptimization.step, one physical chunk of B: per-example gradients, clipping "
+            "x K draws (B*K rows)" + self._chunk_note(),
+            f"DP: PrivateOptimization.step{self._chunk_note()}: per-example gradients, clipping "
             f"(C={MAX_GRAD_NORM}), Gaussian noise (sigma={NOISE_MULTIPLIER}) by Opacus's DPOptimizer, Adam",
-            "per-example grads: rows = B (grouped, functorch) or B*K (opacus, summed to B afterwards)",
+            "per-example grads (per chunk): rows = examples (grouped, functorch) or examples x K (opacus, summed "
+            "afterwards) x P; ghost: examples x the largest layer (norms only, then a second backward of the "
+            "clip-weighted loss; Opacus's DPOptimizerFastGradientClipping adds the noise)",
             f"timing: median of {self.repeats} calls after {self.warmup} warm-up calls"
             + (", torch.cuda.synchronize() after each" if self.device.type == "cuda" else ""),
             f"memory: {self.memory.label}",
@@ -489,20 +509,34 @@ class _Benchmark:
             notes.append("bf16 autocast / channels-last / torch.compile rows are CUDA-only: skipped on CPU")
         return notes
 
+    def _chunk_note(self) -> str:
+        if self.physical_batch_size >= self.batch_size:
+            return ", one chunk"
+        chunks = math.ceil(self.batch_size / self.physical_batch_size)
+        return f", in {chunks} chunks of {self.physical_batch_size} examples (gradients accumulated)"
+
+    def per_example_numel(self, mode: str, k: int) -> int:
+        """Per-example gradient elements held at once: chunk rows x P, or x the largest layer (ghost)."""
+        if mode == "ghost":  # one layer's per-example gradient at a time, freed after its norm
+            largest = max(sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+                          for layer in self.template.modules())
+            return self.physical_batch_size * largest
+        return self.physical_batch_size * (k if mode == "opacus" else 1) * self.num_params
+
     # --- training rows --------------------------------------------------------------------------
     def training_rows(self, k: int, modes: Sequence[str], variants: Sequence[str]) -> list[dict[str, Any]]:
         """The non-private baseline at K, each DP mode at K, then each variant of both."""
         batch = make_batch(self.loss, self.batch_size, k, self.device, self.seed)
         rows = [self.train_row(NONPRIVATE, k, lambda: self.nonprivate(batch, None))]
         for mode in modes:
-            grad_rows = self.batch_size * k if mode == "opacus" else self.batch_size
-            if mode == "grouped" and not self.grouped_ok:
-                row = _new_row(dp_label(mode), k, mode, None, grad_rows * self.num_params)
-                row["note"] = "skipped: the model has layers without a grouped grad sampler"
+            numel = self.per_example_numel(mode, k)
+            if mode in NEEDS_GRAD_SAMPLERS and not self.grouped_ok:
+                row = _new_row(dp_label(mode), k, mode, None, numel)
+                row["note"] = f"skipped: the model has layers without a grad sampler for {mode} mode"
                 rows.append(row)
                 continue
             rows.append(self.train_row(dp_label(mode), k, lambda m=mode: self.private(batch, m, k, None),
-                                       mode=mode, per_example_numel=grad_rows * self.num_params))
+                                       mode=mode, per_example_numel=numel))
         for variant in variants:
             rows.append(self.train_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
                                        lambda v=variant: self.nonprivate(batch, v), variant=variant))
@@ -510,7 +544,7 @@ class _Benchmark:
                 rows.append(self.train_row(dp_label("grouped", variant), k,
                                            lambda v=variant: self.private(batch, "grouped", k, v),
                                            mode="grouped", variant=variant,
-                                           per_example_numel=self.batch_size * self.num_params))
+                                           per_example_numel=self.physical_batch_size * self.num_params))
         return rows
 
     def train_row(self, what: str, k: int, build: Callable[[], tuple[Callable[[], Any], str]],
@@ -547,11 +581,11 @@ class _Benchmark:
 
     def nonprivate(self, batch: Any, variant: str | None) -> tuple[Callable[[], Any], str]:
         denoiser, batch = _apply_variant(self.template, batch, variant)
-        return nonprivate_step(denoiser, self.loss, batch, self.device, variant), ""
+        return nonprivate_step(denoiser, self.loss, batch, self.device, variant, self.physical_batch_size), ""
 
     def private(self, batch: Any, mode: str, k: int, variant: str | None) -> tuple[Callable[[], Any], str]:
         denoiser, vbatch = _apply_variant(self.template, batch, variant)
-        engine = private_engine(denoiser, mode, self.batch_size, k)
+        engine = private_engine(denoiser, mode, self.batch_size, k, self.physical_batch_size)
         loss_fn = per_example_loss_fn(self.loss, self.device, variant)
         note = ""
         if variant is not None:
@@ -644,7 +678,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     env, settings = result["env"], result["settings"]
     k_min = min(settings["noise_multiplicities"])
     parts = [
-        f"# DP-SGD cost: {settings['model']} UNet, B={settings['batch_size']}, {env['device_name']}",
+        f"# DP-SGD cost: {settings['model']} UNet, B={settings['batch_size']}"
+        + (f" in chunks of {settings['physical_batch_size']}"
+           if settings.get("physical_batch_size", settings["batch_size"]) < settings["batch_size"] else "")
+        + f", {env['device_name']}",
         "",
         f"{env['date']} | torch {env['torch']} | opacus {env['opacus']} | {env['device']} | "
         f"{env['threads']} threads",
@@ -653,7 +690,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         _table(
             ["what", "K", "ms/step", "x non-private (same K)", f"x K={k_min}",
-             "per-example grads MiB (rows x P x 4 B)", settings["memory"], "notes"],
+             "per-example grads MiB (held at once, 4 B each)", settings["memory"], "notes"],
             [[r["what"], str(r["K"]), _fmt(r["ms"]), _fmt(r["ratio"], suffix="x"), _fmt(r["vs_k_min"], suffix="x"),
               _fmt(r["per_example_grad_mib"], 1), _fmt(r["peak_mib"], 1), r["note"]] for r in result["train"]],
         ),
@@ -693,8 +730,10 @@ def compare_markdown(compare: dict[str, Any], env: dict[str, Any], settings: dic
     lines.append(f"then: {then.get('date', '?')}, {then.get('device_name', '?')}, torch {then.get('torch', '?')}, "
                  f"{then.get('threads', '?')} threads")
     differ = [k for k in ("device_name", "torch", "opacus", "threads") if then.get(k) != env.get(k)]
-    differ += [k for k in ("model", "batch_size", "sample_batch", "repeats", "warmup")
-               if compare.get("settings", {}).get(k) != settings.get(k)]
+    then_settings = {"physical_batch_size": compare.get("settings", {}).get("batch_size"),  # absent: one chunk
+                     **compare.get("settings", {})}
+    differ += [k for k in ("model", "batch_size", "physical_batch_size", "sample_batch", "repeats", "warmup")
+               if then_settings.get(k) != settings.get(k)]
     if differ:
         lines.append(f"(environment or settings differ in: {', '.join(differ)})")
     lines.append("")
@@ -725,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=MODELS, default="dpdm", help="UNet config in conf/model/ (default: dpdm)")
     p.add_argument("--batch-size", type=int, default=64, help="examples B per step (default: 64)")
+    p.add_argument("--physical-batch-size", type=int, default=None,
+                   help="examples per forward/backward chunk, gradients accumulated over chunks, in every "
+                        "training row (default: B, one chunk); lets K=32 fit in memory")
     p.add_argument("--noise-multiplicity", type=_list(int), default=[1, 4, 8, 32],
                    help="comma-separated K values (default: 1,4,8,32)")
     p.add_argument("--modes", type=_list(str), default=list(GRAD_MODES),
@@ -762,6 +804,7 @@ def main(argv: list[str] | None = None) -> None:
             modes=args.modes, samplers=args.samplers, sample_steps=args.sample_steps,
             sample_batch=args.sample_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
             threads=args.threads, out=args.out, compare=args.compare, variants=variants, seed=args.seed,
+            physical_batch_size=args.physical_batch_size,
         )
     except BenchSettingsError as err:
         parser.error(str(err))

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
+import torch
 
-from dp_diffusion.bench import GRAD_MODES, NONPRIVATE, dp_label, main, run_benchmark
+from dp_diffusion.bench import (
+    GRAD_MODES,
+    NONPRIVATE,
+    build_denoiser,
+    dp_label,
+    main,
+    make_batch,
+    nonprivate_step,
+    run_benchmark,
+)
 
 TINY = dict(model="tiny", batch_size=4, noise_multiplicities=(1, 2), samplers=("ddim",), sample_steps=2,
             sample_batch=4, repeats=1, warmup=1, device="cpu", threads=1, verbose=False)
@@ -62,6 +73,27 @@ def test_compare_against_previous_json(tiny_run, tmp_path, capsys):
 
 def test_bad_settings_name_the_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--modes", "grouped,ghost", "--device", "cpu"])
+        main(["--modes", "grouped,magic", "--device", "cpu"])
     assert exit_info.value.code == 2
-    assert "--modes: unknown ['ghost']" in capsys.readouterr().err
+    assert "--modes: unknown ['magic']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--batch-size", "8", "--physical-batch-size", "9", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "--physical-batch-size must be in [1, --batch-size=8], got 9" in capsys.readouterr().err
+
+
+def test_chunked_nonprivate_step_takes_the_same_step(monkeypatch, one_thread):
+    """The baseline accumulates over physical chunks exactly as over one batch (SGD: the update is lr * grad)."""
+    monkeypatch.setattr(torch.optim, "Adam", torch.optim.SGD)
+    device = torch.device("cpu")
+    template, loss = build_denoiser("tiny")
+    batch = make_batch(loss, batch_size=5, noise_multiplicity=2, device=device)
+    after = []
+    for physical in (None, 2):
+        denoiser = copy.deepcopy(template)
+        nonprivate_step(denoiser, loss, batch, device, physical_batch_size=physical)()
+        after.append(torch.cat([p.detach().flatten() for p in denoiser.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in template.parameters()])
+    moved = (after[0] - start).abs().max()
+    assert moved > 1e-6  # the step did something
+    torch.testing.assert_close(after[1] - start, after[0] - start, rtol=1e-4, atol=1e-4 * moved.item())
