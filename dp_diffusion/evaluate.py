@@ -96,8 +96,12 @@ def append_results(record: dict[str, Any], *paths: str | Path) -> None:
 def format_metrics(metrics: dict[str, Any]) -> str:
     rows = []
     for name, entry in metrics.items():
-        where = entry.get("backbone", entry.get("selected_on", ""))
-        rows.append(f"  {name:<10} {entry['value']:>10.4g}   [{where}, n={entry['num_samples']}]")
+        if "backbone" in entry:
+            where = f"{entry['backbone']}, n={entry['num_samples']}"
+        else:  # downstream accuracy: trained on the samples, scored on the real test split
+            where = (f"real test split, n={entry.get('num_test')}; trained on n={entry['num_samples']} samples, "
+                     f"epoch chosen on a {entry.get('selected_on', '')}")
+        rows.append(f"  {name:<10} {entry['value']:>10.4g}   [{where}]")
     return "\n".join(rows)
 
 
