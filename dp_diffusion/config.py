@@ -76,7 +76,8 @@ def validate_training(train: DictConfig, num_examples: int) -> None:
     _require(_is_int(every) and every >= 1, "train.checkpoint_every_n_steps", every, "an integer >= 1")
 
 
-def validate_sampling(sample: DictConfig) -> None:
+def validate_sampling(sample: DictConfig, guidance_from_checkpoint: bool = False) -> None:
+    """`guidance_from_checkpoint`: a null guidance_scale means "as the checkpoint's training run sampled"."""
     _require(sample.sampler in SAMPLERS, "sample.sampler", sample.sampler, f"one of {sorted(SAMPLERS)}")
     _require(_is_int(sample.num_steps) and sample.num_steps >= 1, "sample.num_steps", sample.num_steps,
              "an integer >= 1")
@@ -84,7 +85,9 @@ def validate_sampling(sample: DictConfig) -> None:
              "an integer >= 0")
     _require(_is_int(sample.batch_size) and sample.batch_size >= 1, "sample.batch_size", sample.batch_size,
              "an integer >= 1")
-    _require(_is_number(sample.guidance_scale), "sample.guidance_scale", sample.guidance_scale, "a number")
+    if not (guidance_from_checkpoint and sample.guidance_scale is None):
+        _require(_is_number(sample.guidance_scale), "sample.guidance_scale", sample.guidance_scale,
+                 "a number" + (" or null (the training run's)" if guidance_from_checkpoint else ""))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -97,3 +100,7 @@ def validate_config(cfg: DictConfig) -> None:
     validate_privacy(cfg.privacy, info.num_train)
     validate_training(cfg.train, info.num_train)
     validate_sampling(cfg.sample)
+    conditional = cfg.method.get("conditional", False) and info.num_classes > 0
+    if cfg.sample.guidance_scale != 0 and conditional and not cfg.diffusion.get("label_dropout", 0) > 0:
+        raise ConfigError(f"sample.guidance_scale must be 0 when diffusion.label_dropout is 0 (guidance needs the "
+                          f"label-dropped model), got {cfg.sample.guidance_scale}")

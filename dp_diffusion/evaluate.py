@@ -127,13 +127,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         images, labels = load_samples(path)
         source = {"samples": str(path)}
     else:
-        from dp_diffusion.sample import load_trained
+        from dp_diffusion.sample import load_trained, with_training_guidance
 
-        validate_sampling(cfg.sample)
+        validate_sampling(cfg.sample, guidance_from_checkpoint=True)
         module = load_trained(cfg.checkpoint)
+        sample_cfg = with_training_guidance(cfg.sample, module)
         data_cfg = module.run_config.data if cfg.data_from_checkpoint else cfg.data
         images, labels = draw_samples(module.sampling_denoiser(), cfg.eval.num_samples, module.image_shape,
-                                      module.num_classes, cfg.sample, seed=cfg.seed)
+                                      module.num_classes, sample_cfg, seed=cfg.seed)
         save_samples(images, labels, Path(cfg.checkpoint).parent.parent / "eval_samples")
         source = {"checkpoint": str(cfg.checkpoint)}
     metrics = score_samples(images, labels, data_cfg, cfg.eval, seed=cfg.seed)

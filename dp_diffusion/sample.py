@@ -32,9 +32,20 @@ def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
     return module
 
 
+def with_training_guidance(sample_cfg: DictConfig, module: PrivateDiffusion) -> DictConfig:
+    """`sample_cfg`, its null guidance_scale replaced by the one the training run sampled with (0 if none)."""
+    if sample_cfg.guidance_scale is not None:
+        return sample_cfg
+    trained = OmegaConf.select(module.run_config, "sample.guidance_scale", default=None)
+    filled = sample_cfg.copy()
+    filled.guidance_scale = 0.0 if trained is None else float(trained)
+    return filled
+
+
 def run_sampling(cfg: DictConfig) -> dict[str, Path]:
-    validate_sampling(cfg)
+    validate_sampling(cfg, guidance_from_checkpoint=True)
     module = load_trained(cfg.checkpoint)
+    cfg = with_training_guidance(cfg, module)
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.checkpoint).parent.parent / f"samples_{cfg.sampler}"
     images, labels = draw_samples(
         module.sampling_denoiser(), cfg.num_samples, module.image_shape, module.num_classes, cfg, seed=cfg.seed

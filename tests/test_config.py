@@ -41,6 +41,8 @@ def test_default_config_is_valid():
         ("data.name=imagenet", "unknown data set 'imagenet'; data.name must be one of: mnist5k"),
         ("method.name=gan", f"method.name must be one of {sorted(METHODS)}, got 'gan'"),
         ("sample.sampler=euler", "sample.sampler must be one of ['ddim', 'ddim_stochastic', 'edm'], got 'euler'"),
+        ("diffusion.label_dropout=0", "sample.guidance_scale must be 0 when diffusion.label_dropout is 0 (guidance "
+         "needs the label-dropped model), got 1.5"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(override, message):
@@ -74,3 +76,28 @@ def test_cli_unknown_group_option_and_command():
     assert "method/nonexistent" in result.stderr and "Available options" in result.stderr
     result = run_cli("fly")
     assert result.returncode == 2 and "unknown command 'fly'" in result.stderr
+
+
+def test_sample_and_evaluate_guidance_defaults_to_the_training_runs():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dp_diffusion.config import validate_sampling
+    from dp_diffusion.sample import with_training_guidance
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        sample_cfg = compose("sample", overrides=["checkpoint=x.ckpt"])
+        evaluate_cfg = compose("evaluate")
+    trained = SimpleNamespace(run_config=compose_config("sample.guidance_scale=2.5"))
+    for cfg in (sample_cfg, evaluate_cfg.sample):
+        assert cfg.guidance_scale is None
+        validate_sampling(cfg, guidance_from_checkpoint=True)
+        assert with_training_guidance(cfg, trained).guidance_scale == 2.5
+        assert cfg.guidance_scale is None  # the user's config is not modified
+    explicit = OmegaConf.merge(sample_cfg, {"guidance_scale": 0.0})
+    assert with_training_guidance(explicit, trained).guidance_scale == 0.0
+    old_run = SimpleNamespace(run_config=OmegaConf.create({"data": {"name": "mnist5k"}}))
+    assert with_training_guidance(sample_cfg, old_run).guidance_scale == 0.0
+    with pytest.raises(ConfigError, match="sample.guidance_scale must be a number, got None"):
+        validate_sampling(sample_cfg)  # a training config must say it
