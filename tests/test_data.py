@@ -324,19 +324,54 @@ def test_missing_split_files_are_listed(tmp_path: Path) -> None:
     assert "raw/train-images-idx3-ubyte," not in str(excinfo.value)
 
 
+def write_mnist_raw(root: Path, files: tuple[str, ...] = SOURCES["mnist"].required) -> np.ndarray:
+    """Tiny MNIST idx files under root/MNIST/raw, as torchvision's download leaves them; returns the train images."""
+    train_images = random_images(np.random.default_rng(0), 6, 28, 28)
+    contents = {
+        "raw/train-images-idx3-ubyte": train_images, "raw/train-labels-idx1-ubyte": np.arange(6),
+        "raw/t10k-images-idx3-ubyte": train_images[:2], "raw/t10k-labels-idx1-ubyte": np.arange(2),
+    }
+    for name in files:
+        write_idx(root / "MNIST" / name, contents[name])
+    return train_images
+
+
+# `download=True` below never reaches torchvision: the source's download is a stub
+# that writes the files made here (or fails part-way); `no_network` guards the rest.
+def test_download_then_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
+    made = {}
+    monkeypatch.setattr(SOURCES["mnist"], "download", lambda root: made.setdefault("train", write_mnist_raw(root)))
+    dm = build_datamodule("mnist", root=tmp_path, download=True)
+    dm.prepare_data()
+    load_with_warning(dm)
+    images, labels = dm.train_tensors()
+    assert torch.equal(images[:, 0], torch.from_numpy(made["train"]).float() / 255 * 2 - 1)
+    assert labels.tolist() == list(range(6))
+
+
 @pytest.mark.parametrize("error", [URLError("no route to host"), RuntimeError("Error downloading train-images")])
 def test_failed_download_becomes_dataset_not_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, no_network: None
 ) -> None:
-    # The download itself is replaced by a stub that fails: no network is used.
-    def fail(root: Path) -> None:
+    def interrupted(root: Path) -> None:  # the train images arrive, then the connection fails
+        write_mnist_raw(root, files=("raw/train-images-idx3-ubyte",))
         raise error
 
-    monkeypatch.setattr(SOURCES["mnist"], "download", fail)
+    monkeypatch.setattr(SOURCES["mnist"], "download", interrupted)
     with pytest.raises(DatasetNotFoundError, match="download failed") as excinfo:
         build_datamodule("mnist", root=tmp_path, download=True).prepare_data()
     assert excinfo.value.__cause__ is error
     assert str(tmp_path.resolve() / "MNIST") in str(excinfo.value)
+
+
+def test_incomplete_download_lists_missing_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    monkeypatch.setattr(SOURCES["mnist"], "download", lambda root: write_mnist_raw(root, files=(
+        "raw/train-images-idx3-ubyte", "raw/train-labels-idx1-ubyte")))
+    with pytest.raises(DatasetNotFoundError, match="the download did not produce them") as excinfo:
+        build_datamodule("mnist", root=tmp_path, download=True).prepare_data()
+    assert "raw/t10k-images-idx3-ubyte" in str(excinfo.value) and "raw/train-images" not in str(excinfo.value)
 
 
 def test_download_skipped_when_files_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
