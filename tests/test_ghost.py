@@ -8,11 +8,17 @@ import copy
 import lightning as L
 import pytest
 import torch
-from toy_models import Probe, ToyRegression, loop_per_example_grads, per_example_loss, probe_loss, toy_dataset
+from toy_models import (
+    Probe,
+    ToyRegression,
+    loop_per_example_grads,
+    per_example_loss,
+    probe_loss,
+    tiny_unet_case,
+    toy_dataset,
+)
 from torch import nn
 
-from dp_diffusion.diffusion.losses import EDMLoss
-from dp_diffusion.nets import UNet
 from dp_diffusion.privacy import PrivacyLedger, PrivacySpec, PrivateOptimization, make_plan
 from dp_diffusion.privacy.ghost import (
     GhostClipping,
@@ -91,20 +97,9 @@ def test_each_layer_type_norms_and_clipped_sum_match_naive_loop(k):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_unet_norms_and_clipped_sum_match_naive_loop(k):
-    torch.manual_seed(0)
-    net = UNet(1, 1, 8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_classes=3).double()
-    for p in net.parameters():  # zero-initialised layers would make most gradients trivially 0
-        p.data += 0.05 * torch.randn_like(p)
-    loss = EDMLoss(num_classes=3, label_dropout=0.5)
-    images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([0, 1, 2, 1])
-    draw = {key: v.double() if v.is_floating_point() else v for key, v in loss.draw(images, labels, k).items()}
-    assert any(type(m) is nn.Linear and ghost_norm_is_cheaper(m, k) for m in net.modules())
-
-    def loss_fn(model, b):
-        return loss(model, b[0], b[1], b[2])
-
-    assert_matches_naive(loss.precondition(net), loss_fn, (images, labels, draw), rtol=1e-6, atol=1e-9)
+    denoiser, loss_fn, batch = tiny_unet_case(num_examples=4, noise_multiplicity=k)
+    assert any(type(m) is nn.Linear and ghost_norm_is_cheaper(m, k) for m in denoiser.modules())
+    assert_matches_naive(denoiser, loss_fn, batch, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("rows", [(1, 1), (3, 1), (2, 5)])

@@ -7,11 +7,9 @@ import copy
 
 import pytest
 import torch
-from toy_models import Probe, loop_per_example_grads, probe_loss
+from toy_models import Probe, loop_per_example_grads, probe_loss, tiny_unet_case
 from torch import nn
 
-from dp_diffusion.diffusion.losses import EDMLoss
-from dp_diffusion.nets import UNet
 from dp_diffusion.privacy.per_example import PER_EXAMPLE_MODES, make_per_example_gradients
 
 MODES = list(PER_EXAMPLE_MODES)
@@ -33,21 +31,9 @@ def test_each_layer_type_matches_naive_loop(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_unet_with_noise_multiplicity_matches_naive_loop(mode):
-    torch.manual_seed(0)
-    net = UNet(1, 1, 8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_classes=3).double()
-    for p in net.parameters():  # zero-initialised layers would make most gradients trivially 0
-        p.data += 0.05 * torch.randn_like(p)
-    loss = EDMLoss(num_classes=3, label_dropout=0.5)
-    denoiser = loss.precondition(net)
-    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([0, 1, 2])
-    draw = {k: v.double() if v.is_floating_point() else v for k, v in loss.draw(images, labels, 4).items()}
-
-    def loss_fn(model, b):
-        return loss(model, b[0], b[1], b[2])
-
-    expected = loop_per_example_grads(copy.deepcopy(denoiser), loss_fn, (images, labels, draw))
-    grads, losses = make_per_example_gradients(copy.deepcopy(denoiser), mode)(loss_fn, (images, labels, draw))
+    denoiser, loss_fn, batch = tiny_unet_case(num_examples=3, noise_multiplicity=4)
+    expected = loop_per_example_grads(copy.deepcopy(denoiser), loss_fn, batch)
+    grads, losses = make_per_example_gradients(copy.deepcopy(denoiser), mode)(loss_fn, batch)
     assert losses.shape == (3,)
     for name in expected[0]:
         for i in range(3):

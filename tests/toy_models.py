@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from dp_diffusion.diffusion.losses import EDMLoss
+from dp_diffusion.nets import UNet
 from dp_diffusion.privacy import Coverage, PrivacySpec, PrivateTrainingModule
 from dp_diffusion.privacy.per_example import batch_size_of
 
@@ -98,3 +100,21 @@ def loop_per_example_grads(model: nn.Module, loss_fn, batch) -> list[dict[str, t
         loss_fn(model, example).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     return grads
+
+
+def tiny_unet_case(num_examples: int, noise_multiplicity: int):
+    """(preconditioned float64 tiny UNet, per-example EDM loss fn, batch with K draws) for gradient checks."""
+    torch.manual_seed(0)
+    net = UNet(1, 1, 8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_classes=3).double()
+    for p in net.parameters():  # zero-initialised layers would make most gradients trivially 0
+        p.data += 0.05 * torch.randn_like(p)
+    loss = EDMLoss(num_classes=3, label_dropout=0.5)
+    images = torch.randn(num_examples, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(num_examples) % 3
+    draw = {k: v.double() if v.is_floating_point() else v
+            for k, v in loss.draw(images, labels, noise_multiplicity).items()}
+
+    def loss_fn(model, b):
+        return loss(model, b[0], b[1], b[2])
+
+    return loss.precondition(net), loss_fn, (images, labels, draw)
