@@ -16,17 +16,20 @@ from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.privacy import PrivacySpec, PrivateTrainingModule
 
 
-def ema_with_warmup(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+def ema_decay_at(decay: float, num_averaged: int) -> float:
+    """The EMA decay after `num_averaged` updates: min(decay, (1 + n) / (10 + n)).
 
     A fixed 0.999 (DPDM, 4,500 steps) would leave a short CPU run's EMA mostly at
     its random initialisation; the ramp makes no difference to long runs.
     """
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
 
-    def update(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        n = float(num_averaged)
-        rate = min(decay, (1.0 + n) / (10.0 + n))
-        return rate * averaged + (1.0 - rate) * current
+
+def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """`AveragedModel` multi_avg_fn: in place, all tensors at once, with the decay of `ema_decay_at`."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(decay, int(num_averaged)))
 
     return update
 
@@ -53,7 +56,7 @@ class PrivateDiffusion(PrivateTrainingModule):
         self.loss = loss
         self.denoiser = loss.precondition(backbone)
         # EMA of the weights (DPDM: 0.999), updated once per logical step taken.
-        self.ema = AveragedModel(self.denoiser, avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.denoiser, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
