@@ -14,7 +14,6 @@ from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.sampling import draw_samples, save_samples
 
 
-
 def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
     """The trained module stored in `checkpoint` (config, weights and EMA)."""
     path = Path(checkpoint)
