@@ -10,6 +10,7 @@ import pytest
 import torch
 from toy_models import (
     Probe,
+    SharedLayers,
     ToyRegression,
     loop_per_example_grads,
     per_example_loss,
@@ -121,23 +122,6 @@ def test_linear_over_sequence_positions_both_paths_match_naive(rows):
     torch.testing.assert_close(linear_ghost_sq_norms(layer, a, g, 6), expected)
     torch.testing.assert_close(materialised_sq_norms(layer, a, g, 6), expected)
     assert ghost_norm_is_cheaper(layer, k * t) == ((k * t) ** 2 < 12)
-
-
-class SharedLayers(nn.Module):
-    """One Linear called twice in a forward, and a weight tied between two Linear layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.twice = nn.Linear(5, 5)
-        self.first = nn.Linear(5, 5, bias=False)
-        self.second = nn.Linear(5, 5)
-        self.second.weight = self.first.weight
-        self.head = nn.Linear(5, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.twice(torch.tanh(self.twice(x))))
-        h = torch.tanh(self.second(torch.tanh(self.first(h))))
-        return self.head(h).squeeze(-1)
 
 
 def test_shared_layers_sum_gradients_over_calls_before_the_norm():

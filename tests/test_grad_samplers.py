@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from toy_models import Probe, loop_per_example_grads, probe_loss, tiny_unet_case
+from toy_models import Probe, SharedLayers, loop_per_example_grads, probe_loss, tiny_unet_case
 from torch import nn
 
 from dp_diffusion.privacy.per_example import PER_EXAMPLE_MODES, make_per_example_gradients
@@ -66,3 +66,41 @@ def test_grouped_mode_under_bf16_autocast_is_close_to_fp32():
 def test_grouped_mode_refuses_compiled_modules():
     with pytest.raises(ValueError, match="torch.compile"):
         make_per_example_gradients(torch.compile(Probe()), "grouped")
+
+
+def _shared_layers_case():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        (x,) = batch
+        return m(x.reshape(-1, 5)).reshape(x.shape[0], -1).pow(2).mean(dim=1)
+
+    return SharedLayers().double(), loss_fn, (x,)
+
+
+def _probe_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 2, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 3, 3, 4]),
+             torch.randn(4, 3, 2, 9, 9, generator=g, dtype=torch.float64))
+    return Probe().double(), probe_loss, batch
+
+
+@pytest.mark.parametrize("case", ["probe", "shared", "unet"])
+def test_grouped_norms_taken_on_the_way_equal_the_norms_of_the_gradients(case):
+    """`last_norms` (what the clipping uses) is the per-example norm over all parameters,
+    shared layers and tied weights counted once, with their calls summed first."""
+    if case == "unet":
+        model, loss_fn, batch = tiny_unet_case(num_examples=3, noise_multiplicity=4)
+    else:
+        model, loss_fn, batch = _shared_layers_case() if case == "shared" else _probe_case()
+    engine = make_per_example_gradients(model, "grouped")
+    grads, _ = engine(loss_fn, batch)
+    expected = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+    assert engine.last_norms is not None and (engine.last_norms > 0).all()
+    torch.testing.assert_close(engine.last_norms, expected.to(engine.last_norms.dtype), rtol=1e-5, atol=0)
+    reference = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
+    for name in grads:  # and the gradients themselves are still the naive loop's
+        for i, want in enumerate(reference):
+            torch.testing.assert_close(grads[name][i], want[name], rtol=1e-6, atol=1e-9)

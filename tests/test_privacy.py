@@ -247,3 +247,39 @@ def test_non_private_mode_uses_same_path_without_noise():
     assert ledger.steps == 0
     report = build_report(spec, engine.plan, ledger, Coverage(released=["x"], trained_with_dp=[]))
     assert report["private"] is False and "NO differential-privacy" in report["covers"]["notes"][0]
+
+
+def test_clipping_with_given_norms_equals_opacus_clipping():
+    """The grouped engine's norms go to `GivenNormsDPOptimizer`; its clipped sum is Opacus's own."""
+    from opacus.optimizers import DPOptimizer
+
+    from dp_diffusion.privacy.clipping import GivenNormsDPOptimizer
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(4))]
+    samples = [torch.randn(5, 3, 2) * 2, torch.randn(5, 4)]
+    samples[0][1] *= 0.01  # one example inside the clip norm, the rest clipped
+    samples[1][1] *= 0.01
+    norms = torch.stack([s.reshape(5, -1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
+    assert norms[1] < 1 < norms.max()
+
+    def summed(cls, given):
+        optimizer = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+                        expected_batch_size=5)
+        for p, s in zip(params, samples):
+            p.grad_sample = s.clone()
+        if given is not None:
+            optimizer.per_sample_norms = given
+        optimizer.clip_and_accumulate()
+        out = [p.summed_grad.clone() for p in params]
+        for p in params:
+            p.grad_sample, p.summed_grad = None, None
+        return out
+
+    want = summed(DPOptimizer, None)
+    for got, ref in zip(summed(GivenNormsDPOptimizer, norms), want):
+        torch.testing.assert_close(got, ref)
+    for got, ref in zip(summed(GivenNormsDPOptimizer, None), want):  # no norms given: Opacus takes them
+        torch.testing.assert_close(got, ref)
+    with pytest.raises(RuntimeError, match="per_sample_norms has 4 rows"):
+        summed(GivenNormsDPOptimizer, norms[:4])

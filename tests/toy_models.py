@@ -82,6 +82,23 @@ class Probe(nn.Module):
         return self.head(h.mean(dim=(2, 3))).squeeze(1)
 
 
+class SharedLayers(nn.Module):
+    """One Linear called twice in a forward, and a weight tied between two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twice = nn.Linear(5, 5)
+        self.first = nn.Linear(5, 5, bias=False)
+        self.second = nn.Linear(5, 5)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.twice(torch.tanh(self.twice(x))))
+        h = torch.tanh(self.second(torch.tanh(self.first(h))))
+        return self.head(h).squeeze(-1)
+
+
 def probe_loss(model, batch):
     """Mean over K noisy draws of each example (rows ordered example-major)."""
     x, labels, noise = batch

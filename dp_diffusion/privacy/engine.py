@@ -2,7 +2,9 @@
 
 This is the only place where private gradients are clipped and noised. The
 clipping, noise and accountant hook are Opacus's `DPOptimizer` (or
-`DistributedDPOptimizer`, which adds the noise on rank 0 only and all-reduces).
+`DistributedDPOptimizer`, which adds the noise on rank 0 only and all-reduces),
+given the per-example norms when the gradient engine took them on the way
+(`clipping.GivenNormsClipping`).
 What Opacus lacks, and this module adds: per-example gradients of a loss that
 averages K noise draws (noise multiplicity) without B*K per-example gradients,
 and a logical Poisson batch split into physical chunks inside one Lightning
@@ -22,17 +24,13 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from opacus.optimizers import (
-    DistributedDPOptimizer,
-    DistributedDPOptimizerFastGradientClipping,
-    DPOptimizer,
-    DPOptimizerFastGradientClipping,
-)
+from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
 from dp_diffusion.privacy.accounting import PrivacyLedger
+from dp_diffusion.privacy.clipping import GivenNormsDistributedDPOptimizer, GivenNormsDPOptimizer
 from dp_diffusion.privacy.ghost import GhostClipping
 from dp_diffusion.privacy.per_example import (
     PerExampleLoss,
@@ -85,7 +83,7 @@ class PrivateOptimization:
                 optimizer_cls = (DistributedDPOptimizerFastGradientClipping if self.distributed
                                  else DPOptimizerFastGradientClipping)
             else:
-                optimizer_cls = DistributedDPOptimizer if self.distributed else DPOptimizer
+                optimizer_cls = GivenNormsDistributedDPOptimizer if self.distributed else GivenNormsDPOptimizer
             self.optimizer: Optimizer = optimizer_cls(
                 optimizer,
                 noise_multiplier=plan.noise_multiplier,
@@ -139,6 +137,7 @@ class PrivateOptimization:
             loss_sum = loss_sum + losses.sum().cpu()
             for name, p in self.params.items():
                 p.grad_sample = grads[name]
+            self.optimizer.per_sample_norms = self.gradients.last_norms  # None: Opacus takes them
             if i < len(chunks) - 1:
                 # Clip and add to p.summed_grad; the last chunk is clipped,
                 # noised and accounted by the optimizer step.

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 GradSampler = Callable[[nn.Module, Tensor, Tensor, int], dict[nn.Parameter, Tensor]]
@@ -65,13 +64,23 @@ def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int) -> d
 
 
 def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: int) -> dict[nn.Parameter, Tensor]:
+    # Every row's channels become channels of ONE example (n*C channels, n*G groups:
+    # the same statistics), so the native backward kernel's per-channel sums
+    # (sum of x_hat*g and of g, in one fused pass) are the per-row gradients.
+    rows, channels = a.shape[:2]
+    spatial = a[0, 0].numel()
+    groups = rows * layer.num_groups
+    a1, g1 = a.reshape(1, rows * channels, spatial), g.reshape(1, rows * channels, spatial)
+    want_weight = layer.weight is not None and layer.weight.requires_grad
+    want_bias = layer.bias is not None and layer.bias.requires_grad
+    _, mean, rstd = torch.ops.aten.native_group_norm(a1, None, None, 1, rows * channels, spatial, groups, layer.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        g1, a1, mean, rstd, None, 1, rows * channels, spatial, groups, [False, want_weight, want_bias])
     out = {}
-    reduce = (1, *range(3, a.dim() + 1))  # draws and spatial dims of (B, K, C, ...)
-    if layer.weight is not None and layer.weight.requires_grad:
-        normalized = F.group_norm(a, layer.num_groups, eps=layer.eps)
-        out[layer.weight] = _fold(normalized * g, num_examples).sum(dim=reduce)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _fold(g, num_examples).sum(dim=reduce)
+    if want_weight:
+        out[layer.weight] = _fold(weight.reshape(rows, channels), num_examples).sum(dim=1)
+    if want_bias:
+        out[layer.bias] = _fold(bias.reshape(rows, channels), num_examples).sum(dim=1)
     return out
 
 

@@ -1,0 +1,47 @@
+"""Opacus DP optimizers that clip with per-example norms taken beforehand.
+
+Opacus's `clip_and_accumulate` first reads every per-example gradient to take
+its norm, then reads them all again for the clip-weighted sum. The grouped
+gradient engine already took each layer's part of the norm while that layer's
+gradients were in cache (`GroupedGradients.last_norms`), so the first read is
+redundant: on the DPDM UNet at B=64 it is about 12 ms of a 590 ms step on CPU.
+What Opacus lacks is only a way to pass those norms in; the clip factor and the
+weighted sum below are Opacus's own (`DPOptimizer.clip_and_accumulate`, 1.6),
+and noise, scaling and accounting are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch import Tensor
+
+
+class GivenNormsClipping:
+    """Mixin for an Opacus `DPOptimizer`: `clip_and_accumulate` uses `per_sample_norms` once, when set."""
+
+    per_sample_norms: Tensor | None = None
+
+    def clip_and_accumulate(self) -> None:
+        norms, self.per_sample_norms = self.per_sample_norms, None
+        if norms is None:
+            super().clip_and_accumulate()  # type: ignore[misc]
+            return
+        clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # type: ignore[attr-defined]
+        for p in self.params:  # type: ignore[attr-defined]
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)  # type: ignore[attr-defined]
+            if len(grad_sample) != len(clip_factor):
+                raise RuntimeError(f"per_sample_norms has {len(clip_factor)} rows, grad_sample {len(grad_sample)}")
+            grad = torch.einsum("i,i...", clip_factor.to(device=grad_sample.device, dtype=p.dtype), grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+
+class GivenNormsDPOptimizer(GivenNormsClipping, DPOptimizer):
+    """`DPOptimizer` that can clip with norms the gradient engine took."""
+
+
+class GivenNormsDistributedDPOptimizer(GivenNormsClipping, DistributedDPOptimizer):
+    """`DistributedDPOptimizer` that can clip with norms the gradient engine took."""
