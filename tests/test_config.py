@@ -41,13 +41,13 @@ def test_default_config_is_valid():
         ("data.name=imagenet", "unknown data set 'imagenet'; data.name must be one of: mnist5k"),
         ("method.name=gan", f"method.name must be one of {sorted(METHODS)}, got 'gan'"),
         ("sample.sampler=euler", "sample.sampler must be one of ['ddim', 'ddim_stochastic', 'edm'], got 'euler'"),
-        ("diffusion.label_dropout=0", "sample.guidance_scale must be 0 when diffusion.label_dropout is 0 (guidance "
-         "needs the label-dropped model), got 1.5"),
+        ("diffusion.label_dropout=0 sample.guidance_scale=1.5", "sample.guidance_scale must be 0 when "
+         "diffusion.label_dropout is 0 (guidance needs the label-dropped model), got 1.5"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(override, message):
     with pytest.raises(ConfigError) as err:
-        validate_config(compose_config(override))
+        validate_config(compose_config(*override.split()))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
