@@ -273,6 +273,20 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     return {"ms": statistics.median(times), "times_ms": times, "first_call_ms": first_ms, "peak_mib": memory.stop()}
 
 
+def warm_up(fn: Callable[[], Any], device: torch.device, warmup: int, memory: PeakMemory) -> dict[str, Any]:
+    """First-call time, `warmup - 1` more untimed calls, then the peak memory of one more call."""
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first_ms = (time.perf_counter() - start) * 1e3
+    for _ in range(warmup - 1):
+        fn()
+    memory.start()
+    fn()
+    _sync(device)
+    return {"first_call_ms": first_ms, "peak_mib": memory.stop()}
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
@@ -498,8 +512,9 @@ class _Benchmark:
             "afterwards) x P; ghost: examples x the largest layer (norms only, then a second backward of the "
             "clip-weighted loss; Opacus's DPOptimizerFastGradientClipping adds the noise)",
             f"timing: median of {self.repeats} calls after {self.warmup} warm-up calls"
-            + (", torch.cuda.synchronize() after each" if self.device.type == "cuda" else ""),
-            f"memory: {self.memory.label}",
+            + (", torch.cuda.synchronize() after each" if self.device.type == "cuda" else "")
+            + "; training rows of one K timed round-robin (one call of each row per round), sampling rows in turn",
+            f"memory: {self.memory.label}; training rows: of one more untimed call after the warm-up",
         ]
         if variants:
             limits = ", ".join(f"{VARIANTS[v]} {VARIANT_TOLERANCE[v]:g}" for v in variants)
@@ -525,32 +540,50 @@ class _Benchmark:
 
     # --- training rows --------------------------------------------------------------------------
     def training_rows(self, k: int, modes: Sequence[str], variants: Sequence[str]) -> list[dict[str, Any]]:
-        """The non-private baseline at K, each DP mode at K, then each variant of both."""
+        """The non-private baseline at K, each DP mode at K, then each variant of both.
+
+        All rows of one K are built and warmed up first, then timed round-robin (one call of each
+        row per round), so a drift in machine speed (other tenants, clocks) hits every row alike
+        and the ratios against the non-private step stay comparable.
+        """
         batch = make_batch(self.loss, self.batch_size, k, self.device, self.seed)
-        rows = [self.train_row(NONPRIVATE, k, lambda: self.nonprivate(batch, None))]
+        prepared = [self.prepare_row(NONPRIVATE, k, lambda: self.nonprivate(batch, None))]
         for mode in modes:
             numel = self.per_example_numel(mode, k)
             if mode in NEEDS_GRAD_SAMPLERS and not self.grouped_ok:
                 row = _new_row(dp_label(mode), k, mode, None, numel)
                 row["note"] = f"skipped: the model has layers without a grad sampler for {mode} mode"
-                rows.append(row)
+                prepared.append((row, None))
                 continue
-            rows.append(self.train_row(dp_label(mode), k, lambda m=mode: self.private(batch, m, k, None),
-                                       mode=mode, per_example_numel=numel))
+            prepared.append(self.prepare_row(dp_label(mode), k, lambda m=mode: self.private(batch, m, k, None),
+                                             mode=mode, per_example_numel=numel))
         for variant in variants:
-            rows.append(self.train_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
-                                       lambda v=variant: self.nonprivate(batch, v), variant=variant))
+            prepared.append(self.prepare_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
+                                             lambda v=variant: self.nonprivate(batch, v), variant=variant))
             if self.grouped_ok:
-                rows.append(self.train_row(dp_label("grouped", variant), k,
-                                           lambda v=variant: self.private(batch, "grouped", k, v),
-                                           mode="grouped", variant=variant,
-                                           per_example_numel=self.physical_batch_size * self.num_params))
+                prepared.append(self.prepare_row(dp_label("grouped", variant), k,
+                                                 lambda v=variant: self.private(batch, "grouped", k, v),
+                                                 mode="grouped", variant=variant,
+                                                 per_example_numel=self.physical_batch_size * self.num_params))
+        self.progress(f"timing {sum(step is not None for _, step in prepared)} rows at K={k}, "
+                      f"{self.repeats} rounds")
+        try:
+            self.time_round_robin(prepared)
+        finally:
+            rows = [row for row, _ in prepared]
+            prepared.clear()  # drop the rows' models, optimizers and engines before the next K
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         return rows
 
-    def train_row(self, what: str, k: int, build: Callable[[], tuple[Callable[[], Any], str]],
-                  mode: str | None = None, variant: str | None = None,
-                  per_example_numel: int | None = None) -> dict[str, Any]:
-        """Build a step (fresh model copy), time it; a variant's failure or any out-of-memory skips the row."""
+    def prepare_row(self, what: str, k: int, build: Callable[[], tuple[Callable[[], Any], str]],
+                    mode: str | None = None, variant: str | None = None,
+                    per_example_numel: int | None = None) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+        """Build a step (fresh model copy), warm it up and take its peak memory on one more untimed call.
+
+        A variant's failure or any out-of-memory skips the row (its step is None).
+        """
         self.progress(f"{what}, K={k}")
         row = _new_row(what, k, mode, variant, per_example_numel)
         torch.manual_seed(self.seed)  # the same DP noise stream in every row
@@ -559,25 +592,40 @@ class _Benchmark:
             start = time.perf_counter()
             step, row["note"] = build()
             row["setup_ms"] = (time.perf_counter() - start) * 1e3  # includes a variant's gradient check
-            row.update(time_calls(step, self.device, self.warmup, self.repeats, self.memory))
+            row.update(warm_up(step, self.device, self.warmup, self.memory))
         except VariantMismatch as err:
-            row["note"] = f"skipped: {err}"
+            row["note"], step = f"skipped: {err}", None
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
+            step = None
             if _is_oom(err):
                 row["note"] = "skipped: out of memory"
             elif variant is None:
                 raise
             else:
                 row["note"] = f"skipped: {_first_line(err)}"
-        finally:
-            step = None  # drop the row's model, optimizer and engine before the next row
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
         if variant == "compile" and row["first_call_ms"] is not None:
             compile_s = (row["setup_ms"] + row["first_call_ms"]) / 1e3
             row["note"] = _join(row["note"], f"setup + first call (compiles): {compile_s:.1f} s")
-        return row
+        return row, step
+
+    def time_round_robin(self, prepared: list[tuple[dict[str, Any], Callable[[], Any] | None]]) -> None:
+        """`repeats` rounds of one timed call per live row; each row's `ms` is the median of its calls."""
+        live = [(row, step) for row, step in prepared if step is not None]
+        for _ in range(self.repeats):
+            for row, step in list(live):
+                try:
+                    start = time.perf_counter()
+                    step()
+                    _sync(self.device)
+                    row["times_ms"].append((time.perf_counter() - start) * 1e3)
+                except Exception as err:  # noqa: BLE001
+                    if not _is_oom(err):
+                        raise
+                    row["note"] = _join(row["note"], "skipped: out of memory")
+                    row["times_ms"] = []
+                    live = [entry for entry in live if entry[0] is not row]
+        for row, _ in live:
+            row["ms"] = statistics.median(row["times_ms"])
 
     def nonprivate(self, batch: Any, variant: str | None) -> tuple[Callable[[], Any], str]:
         denoiser, batch = _apply_variant(self.template, batch, variant)
@@ -770,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplicity", type=_list(int), default=[1, 4, 8, 32],
                    help="comma-separated K values (default: 1,4,8,32)")
     p.add_argument("--modes", type=_list(str), default=list(GRAD_MODES),
-                   help="per-example gradient modes (default: grouped,functorch,opacus; 'none' for baselines only)")
+                   help="per-example gradient modes (default: grouped,functorch,opacus,ghost; 'none' for baselines only)")
     p.add_argument("--samplers", type=_list(str), default=list(SAMPLERS),
                    help="samplers to time (default: ddim,ddim_stochastic,edm; 'none' to skip sampling)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps (default: 20)")

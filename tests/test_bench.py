@@ -97,3 +97,27 @@ def test_chunked_nonprivate_step_takes_the_same_step(monkeypatch, one_thread):
     moved = (after[0] - start).abs().max()
     assert moved > 1e-6  # the step did something
     torch.testing.assert_close(after[1] - start, after[0] - start, rtol=1e-4, atol=1e-4 * moved.item())
+
+
+def test_training_rows_are_timed_round_robin_and_an_oom_row_is_skipped():
+    """Rows of one K alternate call by call (a machine-speed drift hits all alike); a row that runs
+    out of memory mid-timing is reported as skipped and the others go on."""
+    from dp_diffusion.bench import _Benchmark, _new_row
+
+    bench = _Benchmark("tiny", 4, torch.device("cpu"), repeats=3, warmup=1, seed=0, verbose=False)
+    calls = []
+
+    def step(name, fail_on=None):
+        def call():
+            calls.append(name)
+            if calls.count(name) == fail_on:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return call
+
+    rows = {name: _new_row(name, 1, None, None, None) for name in "abcd"}
+    bench.time_round_robin([(rows["a"], step("a")), (rows["b"], step("b", fail_on=2)), (rows["c"], None),
+                            (rows["d"], step("d"))])
+    assert calls == ["a", "b", "d", "a", "b", "d", "a", "d"]
+    assert len(rows["a"]["times_ms"]) == 3 and rows["a"]["ms"] == sorted(rows["a"]["times_ms"])[1]
+    assert rows["b"]["ms"] is None and "out of memory" in rows["b"]["note"]
+    assert rows["c"]["ms"] is None and rows["d"]["ms"] is not None
