@@ -250,10 +250,10 @@ def test_non_private_mode_uses_same_path_without_noise():
 
 
 def test_clipping_with_given_norms_equals_opacus_clipping():
-    """The grouped engine's norms go to `GivenNormsDPOptimizer`; its clipped sum is Opacus's own."""
+    """The grouped engine's norms go to `StreamlinedDPOptimizer`; its clipped, scaled sum is Opacus's own."""
     from opacus.optimizers import DPOptimizer
 
-    from dp_diffusion.privacy.clipping import GivenNormsDPOptimizer
+    from dp_diffusion.privacy.clipping import StreamlinedDPOptimizer
 
     torch.manual_seed(0)
     params = [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(4))]
@@ -271,15 +271,17 @@ def test_clipping_with_given_norms_equals_opacus_clipping():
         if given is not None:
             optimizer.per_sample_norms = given
         optimizer.clip_and_accumulate()
-        out = [p.summed_grad.clone() for p in params]
+        optimizer.add_noise()  # sigma = 0
+        optimizer.scale_grad()
+        out = [p.grad.clone() for p in params]
         for p in params:
-            p.grad_sample, p.summed_grad = None, None
+            p.grad_sample, p.summed_grad, p.grad = None, None, None
         return out
 
     want = summed(DPOptimizer, None)
-    for got, ref in zip(summed(GivenNormsDPOptimizer, norms), want):
+    for got, ref in zip(summed(StreamlinedDPOptimizer, norms), want):
         torch.testing.assert_close(got, ref)
-    for got, ref in zip(summed(GivenNormsDPOptimizer, None), want):  # no norms given: Opacus takes them
+    for got, ref in zip(summed(StreamlinedDPOptimizer, None), want):  # no norms given: Opacus takes them
         torch.testing.assert_close(got, ref)
     with pytest.raises(RuntimeError, match="per_sample_norms has 4 rows"):
-        summed(GivenNormsDPOptimizer, norms[:4])
+        summed(StreamlinedDPOptimizer, norms[:4])

@@ -4,7 +4,7 @@ This is the only place where private gradients are clipped and noised. The
 clipping, noise and accountant hook are Opacus's `DPOptimizer` (or
 `DistributedDPOptimizer`, which adds the noise on rank 0 only and all-reduces),
 given the per-example norms when the gradient engine took them on the way
-(`clipping.GivenNormsClipping`).
+(`clipping.StreamlinedClipping`).
 What Opacus lacks, and this module adds: per-example gradients of a loss that
 averages K noise draws (noise multiplicity) without B*K per-example gradients,
 and a logical Poisson batch split into physical chunks inside one Lightning
@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
 from dp_diffusion.privacy.accounting import PrivacyLedger
-from dp_diffusion.privacy.clipping import GivenNormsDistributedDPOptimizer, GivenNormsDPOptimizer
+from dp_diffusion.privacy.clipping import StreamlinedDistributedDPOptimizer, StreamlinedDPOptimizer
 from dp_diffusion.privacy.ghost import GhostClipping
 from dp_diffusion.privacy.per_example import (
     PerExampleLoss,
@@ -83,7 +83,7 @@ class PrivateOptimization:
                 optimizer_cls = (DistributedDPOptimizerFastGradientClipping if self.distributed
                                  else DPOptimizerFastGradientClipping)
             else:
-                optimizer_cls = GivenNormsDistributedDPOptimizer if self.distributed else GivenNormsDPOptimizer
+                optimizer_cls = StreamlinedDistributedDPOptimizer if self.distributed else StreamlinedDPOptimizer
             self.optimizer: Optimizer = optimizer_cls(
                 optimizer,
                 noise_multiplier=plan.noise_multiplier,
@@ -177,5 +177,5 @@ class PrivateOptimization:
         return loss_sum
 
     def _grad_norm(self) -> Tensor:
-        norms = [p.grad.detach().norm() for p in self.params.values() if p.grad is not None]
-        return torch.stack(norms).norm() if norms else torch.zeros(())
+        grads = [p.grad.detach() for p in self.params.values() if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros(())
