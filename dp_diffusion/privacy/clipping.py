@@ -4,13 +4,14 @@
    its norm, then reads them all again for the clip-weighted sum. The grouped
    gradient engine already took each layer's part of the norm while that layer's
    gradients were in cache (`GroupedGradients.last_norms`), so the first read is
-   redundant: on the DPDM UNet at B=64 about 12 ms of a 600 ms step on CPU.
+   redundant: on the DPDM UNet at B=64 that pass alone took 12 ms (of a
+   600 ms step) on a 2-core CPU.
    Opacus has no way to pass those norms in; the clip factor and the weighted
    sum below are Opacus's own (`DPOptimizer.clip_and_accumulate`, 1.6).
 2. Opacus's `scale_grad` evaluates the `accumulated_iterations` property, a loop
    over all parameters, once per parameter: quadratic in the number of tensors
-   (273 on the DPDM UNet: 75,000 `hasattr` calls, about 30 ms per step). It is
-   evaluated once here, with the same value and checks.
+   (273 on the DPDM UNet: 75,000 `hasattr` calls per step; noise + scaling
+   took 17.6 ms, now 9.9). It is evaluated once here, with the same value and checks.
 
 Noise, accounting and everything else are Opacus's.
 """
