@@ -25,7 +25,7 @@ from dp_diffusion.data import (
     dataset_info,
 )
 from dp_diffusion.data.datasets import fixed_stratified_split, preprocess_celeba
-from dp_diffusion.data.sources import SOURCES
+from dp_diffusion.data.sources import SOURCES, fetch_files
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 TORCHVISION_BACKED = ["mnist", "fashion_mnist", "emnist", "cifar10", "svhn", "celeba32", "celeba64"]
@@ -336,12 +336,12 @@ def write_mnist_raw(root: Path, files: tuple[str, ...] = SOURCES["mnist"].requir
     return train_images
 
 
-# `download=True` below never reaches torchvision: the source's download is a stub
-# that writes the files made here (or fails part-way); `no_network` guards the rest.
-def test_download_then_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
+# The fetch step is given the test's own file writer in place of torchvision's
+# download: the data is made here, nothing asks for a download; `no_network` guards the rest.
+def test_fetched_files_load(tmp_path: Path, no_network: None) -> None:
     made = {}
-    monkeypatch.setattr(SOURCES["mnist"], "download", lambda root: made.setdefault("train", write_mnist_raw(root)))
-    dm = build_datamodule("mnist", root=tmp_path, download=True)
+    fetch_files("mnist", tmp_path, lambda root: made.setdefault("train", write_mnist_raw(root)))
+    dm = build_datamodule("mnist", root=tmp_path)
     dm.prepare_data()
     load_with_warning(dm)
     images, labels = dm.train_tensors()
@@ -350,37 +350,29 @@ def test_download_then_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_
 
 
 @pytest.mark.parametrize("error", [URLError("no route to host"), RuntimeError("Error downloading train-images")])
-def test_failed_download_becomes_dataset_not_found(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, no_network: None
-) -> None:
+def test_failed_fetch_becomes_dataset_not_found(tmp_path: Path, error: Exception, no_network: None) -> None:
     def interrupted(root: Path) -> None:  # the train images arrive, then the connection fails
         write_mnist_raw(root, files=("raw/train-images-idx3-ubyte",))
         raise error
 
-    monkeypatch.setattr(SOURCES["mnist"], "download", interrupted)
     with pytest.raises(DatasetNotFoundError, match="download failed") as excinfo:
-        build_datamodule("mnist", root=tmp_path, download=True).prepare_data()
+        fetch_files("mnist", tmp_path, interrupted)
     assert excinfo.value.__cause__ is error
     assert str(tmp_path.resolve() / "MNIST") in str(excinfo.value)
 
 
-def test_incomplete_download_lists_missing_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
-) -> None:
-    monkeypatch.setattr(SOURCES["mnist"], "download", lambda root: write_mnist_raw(root, files=(
-        "raw/train-images-idx3-ubyte", "raw/train-labels-idx1-ubyte")))
+def test_incomplete_fetch_lists_missing_files(tmp_path: Path, no_network: None) -> None:
+    partial = ("raw/train-images-idx3-ubyte", "raw/train-labels-idx1-ubyte")
     with pytest.raises(DatasetNotFoundError, match="the download did not produce them") as excinfo:
-        build_datamodule("mnist", root=tmp_path, download=True).prepare_data()
+        fetch_files("mnist", tmp_path, lambda root: write_mnist_raw(root, files=partial))
     assert "raw/t10k-images-idx3-ubyte" in str(excinfo.value) and "raw/train-images" not in str(excinfo.value)
 
 
-def test_download_skipped_when_files_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
-    # The files are made here; asking for a download must then not touch the network.
+def test_fetch_skipped_when_files_exist(tmp_path: Path, no_network: None) -> None:
     def fail(root: Path) -> None:
-        raise AssertionError("must not download")
+        raise AssertionError("must not fetch")
 
-    svhn = SOURCES["svhn"]
-    monkeypatch.setattr(svhn, "download", fail)
-    for filename in svhn.required:
+    for filename in SOURCES["svhn"].required:
         scipy.io.savemat(tmp_path / filename, {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.ones((1, 1), np.uint8)})
-    build_datamodule("svhn", root=tmp_path, download=True).prepare_data()
+    fetch_files("svhn", tmp_path, fail)
+    build_datamodule("svhn", root=tmp_path).prepare_data()

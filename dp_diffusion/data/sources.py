@@ -12,6 +12,7 @@ import os
 import pickle
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -264,22 +265,32 @@ def prepare_files(name: str, root: Path, download: bool) -> None:
 
     Raises DatasetNotFoundError when they are missing and cannot be downloaded.
     """
+    if download:
+        fetch_files(name, root, SOURCES[name].download)
+    missing = SOURCES[name].missing(root)
+    if missing:
+        raise _not_found(name, root, f"missing {', '.join(missing)}", "set data.download=true on a machine with network")
+
+
+def fetch_files(name: str, root: Path, fetch: Callable[[Path], None]) -> None:
+    """Run ``fetch(root)`` (e.g. the source's download) unless the files of ``name`` are all there.
+
+    A fetch that fails, or ends with files still missing, raises DatasetNotFoundError.
+    """
     source = SOURCES[name]
     if not source.missing(root):
         return
-    if download:
-        try:
-            source.download(root)
-        # Any failure here (no network, dead mirror, Google Drive quota, bad
-        # checksum, gdown not installed) leaves the files missing; the cause is chained.
-        except Exception as err:
-            first_line = (str(err).strip().splitlines() or [""])[0][:200]
-            problem = f"download failed: {type(err).__name__}: {first_line}"
-            raise _not_found(name, root, problem, "check the network") from err
+    try:
+        fetch(root)
+    # Any failure here (no network, dead mirror, Google Drive quota, bad
+    # checksum, gdown not installed) leaves the files missing; the cause is chained.
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        problem = f"download failed: {type(err).__name__}: {first_line}"
+        raise _not_found(name, root, problem, "check the network") from err
     missing = source.missing(root)
     if missing:
-        remedy = "the download did not produce them" if download else "set data.download=true on a machine with network"
-        raise _not_found(name, root, f"missing {', '.join(missing)}", remedy)
+        raise _not_found(name, root, f"missing {', '.join(missing)}", "the download did not produce them")
 
 
 def load_split(name: str, root: Path, train: bool) -> Dataset:
