@@ -253,9 +253,8 @@ class PeakMemory:
         return None
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
-               memory: PeakMemory) -> dict[str, Any]:
-    """First-call time, then `warmup - 1` more untimed calls, then `repeats` timed ones (ms) and their peak memory."""
+def _first_call_then_warm_up(fn: Callable[[], Any], device: torch.device, warmup: int) -> float:
+    """Time the first call (ms), then make `warmup - 1` more untimed calls."""
     start = time.perf_counter()
     fn()
     _sync(device)
@@ -263,6 +262,13 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     for _ in range(warmup - 1):
         fn()
     _sync(device)
+    return first_ms
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+               memory: PeakMemory) -> dict[str, Any]:
+    """First-call time, then `warmup - 1` more untimed calls, then `repeats` timed ones (ms) and their peak memory."""
+    first_ms = _first_call_then_warm_up(fn, device, warmup)
     memory.start()
     times = []
     for _ in range(repeats):
@@ -275,12 +281,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
 
 def warm_up(fn: Callable[[], Any], device: torch.device, warmup: int, memory: PeakMemory) -> dict[str, Any]:
     """First-call time, `warmup - 1` more untimed calls, then the peak memory of one more call."""
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    first_ms = (time.perf_counter() - start) * 1e3
-    for _ in range(warmup - 1):
-        fn()
+    first_ms = _first_call_then_warm_up(fn, device, warmup)
     memory.start()
     fn()
     _sync(device)
