@@ -10,11 +10,12 @@ import pytest
 import torch
 from toy_models import (
     Probe,
-    SharedLayers,
     ToyRegression,
     loop_per_example_grads,
     per_example_loss,
+    probe_case,
     probe_loss,
+    shared_layers_case,
     tiny_unet_case,
     toy_dataset,
 )
@@ -88,12 +89,7 @@ def test_toy_regression_norms_and_clipped_sum_match_naive_loop(k):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_each_layer_type_norms_and_clipped_sum_match_naive_loop(k):
-    torch.manual_seed(0)
-    model = Probe().double()
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(5, 2, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 3, 3, 4, 1]),
-             torch.randn(5, k, 2, 9, 9, generator=g, dtype=torch.float64))
-    assert_matches_naive(model, probe_loss, batch)
+    assert_matches_naive(*probe_case(num_examples=5, noise_multiplicity=k))
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -125,15 +121,7 @@ def test_linear_over_sequence_positions_both_paths_match_naive(rows):
 
 
 def test_shared_layers_sum_gradients_over_calls_before_the_norm():
-    torch.manual_seed(0)
-    model = SharedLayers().double()
-    x = torch.randn(6, 2, 5, dtype=torch.float64)
-
-    def loss_fn(m, batch):
-        (x,) = batch
-        return m(x.reshape(-1, 5)).reshape(x.shape[0], -1).pow(2).mean(dim=1)
-
-    assert_matches_naive(model, loss_fn, (x,))
+    assert_matches_naive(*shared_layers_case())
 
 
 def test_engine_step_equals_grouped_step_with_the_same_noise():

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from toy_models import Probe, SharedLayers, loop_per_example_grads, probe_loss, tiny_unet_case
+from toy_models import Probe, loop_per_example_grads, probe_case, probe_loss, shared_layers_case, tiny_unet_case
 from torch import nn
 
 from dp_diffusion.privacy.per_example import PER_EXAMPLE_MODES, make_per_example_gradients
@@ -17,13 +17,9 @@ MODES = list(PER_EXAMPLE_MODES)
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_layer_type_matches_naive_loop(mode):
-    torch.manual_seed(0)
-    model = Probe().double()
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(4, 2, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 3, 3, 4]),
-             torch.randn(4, 3, 2, 9, 9, generator=g, dtype=torch.float64))
-    expected = loop_per_example_grads(copy.deepcopy(model), probe_loss, batch)
-    grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(probe_loss, batch)
+    model, loss_fn, batch = probe_case(num_examples=4, noise_multiplicity=3)
+    expected = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
+    grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(loss_fn, batch)
     for name in expected[0]:
         for i in range(4):
             torch.testing.assert_close(grads[name][i], expected[i][name], rtol=1e-7, atol=1e-10)
@@ -68,33 +64,15 @@ def test_grouped_mode_refuses_compiled_modules():
         make_per_example_gradients(torch.compile(Probe()), "grouped")
 
 
-def _shared_layers_case():
-    torch.manual_seed(0)
-    x = torch.randn(6, 2, 5, dtype=torch.float64)
-
-    def loss_fn(m, batch):
-        (x,) = batch
-        return m(x.reshape(-1, 5)).reshape(x.shape[0], -1).pow(2).mean(dim=1)
-
-    return SharedLayers().double(), loss_fn, (x,)
-
-
-def _probe_case():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(4, 2, 9, 9, generator=g, dtype=torch.float64), torch.tensor([0, 3, 3, 4]),
-             torch.randn(4, 3, 2, 9, 9, generator=g, dtype=torch.float64))
-    return Probe().double(), probe_loss, batch
-
-
 @pytest.mark.parametrize("case", ["probe", "shared", "unet"])
 def test_grouped_norms_taken_on_the_way_equal_the_norms_of_the_gradients(case):
     """`last_norms` (what the clipping uses) is the per-example norm over all parameters,
     shared layers and tied weights counted once, with their calls summed first."""
-    if case == "unet":
-        model, loss_fn, batch = tiny_unet_case(num_examples=3, noise_multiplicity=4)
-    else:
-        model, loss_fn, batch = _shared_layers_case() if case == "shared" else _probe_case()
+    model, loss_fn, batch = {
+        "probe": lambda: probe_case(num_examples=4, noise_multiplicity=3),
+        "shared": shared_layers_case,
+        "unet": lambda: tiny_unet_case(num_examples=3, noise_multiplicity=4),
+    }[case]()
     engine = make_per_example_gradients(model, "grouped")
     grads, _ = engine(loss_fn, batch)
     expected = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)

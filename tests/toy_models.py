@@ -108,6 +108,29 @@ def probe_loss(model, batch):
     return (out.reshape(b, k) ** 2).mean(1)
 
 
+def probe_case(num_examples: int, noise_multiplicity: int):
+    """A float64 `Probe`, `probe_loss` and a batch of `num_examples` (at most 5) with K noise draws each."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(num_examples, 2, 9, 9, generator=g, dtype=torch.float64),
+             torch.tensor([0, 3, 3, 4, 1])[:num_examples],
+             torch.randn(num_examples, noise_multiplicity, 2, 9, 9, generator=g, dtype=torch.float64))
+    return Probe().double(), probe_loss, batch
+
+
+def shared_layers_case():
+    """A float64 `SharedLayers`, a loss over 2 rows per example, and a batch of 6."""
+    torch.manual_seed(0)
+    model = SharedLayers().double()
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        (x,) = batch
+        return m(x.reshape(-1, 5)).reshape(x.shape[0], -1).pow(2).mean(dim=1)
+
+    return model, loss_fn, (x,)
+
+
 def loop_per_example_grads(model: nn.Module, loss_fn, batch) -> list[dict[str, torch.Tensor]]:
     """Reference: one backward per example; `batch` is a pytree of tensors with examples first."""
     grads = []
