@@ -24,6 +24,11 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import Tensor
 
 
+def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
+    """Opacus's per-example clip factor (`DPOptimizer.clip_and_accumulate`): min(1, C / (||g_i|| + 1e-6))."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 class StreamlinedClipping:
     """Mixin for an Opacus `DPOptimizer`: `clip_and_accumulate` uses `per_sample_norms` once, when set;
     `scale_grad` counts the accumulated iterations once."""
@@ -35,7 +40,7 @@ class StreamlinedClipping:
         if norms is None:
             super().clip_and_accumulate()  # type: ignore[misc]
             return
-        clip_factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # type: ignore[attr-defined]
+        clip_factor = clip_factors(norms, self.max_grad_norm)  # type: ignore[attr-defined]
         for p in self.params:  # type: ignore[attr-defined]
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)  # type: ignore[attr-defined]

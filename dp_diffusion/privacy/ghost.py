@@ -27,12 +27,12 @@ its K draws, and the K draws' rows are among its S rows above.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from dp_diffusion.privacy.clipping import clip_factors
 from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS
 from dp_diffusion.privacy.per_example import (
     CapturedCall,
@@ -42,6 +42,7 @@ from dp_diffusion.privacy.per_example import (
     batch_size_of,
     check_hookable,
     layer_call_inputs,
+    parameter_uses,
     trainable_parameters,
 )
 
@@ -96,7 +97,7 @@ def layer_sq_norms(call: CapturedCall, out_grad: Tensor | None, num_examples: in
 def per_example_norms(calls: list[CapturedCall], out_grads: Sequence[Tensor | None], num_examples: int) -> Tensor:
     """Per-example norms ||g_i|| over every trainable parameter the captured calls touch, Tensor[B]."""
     own = [[p for p in call.layer.parameters(recurse=False) if p.requires_grad] for call in calls]
-    uses = Counter(p for params in own for p in params)
+    uses = parameter_uses(calls)
     shared_calls, shared_grads = [], []
     sq: Tensor | None = None
     for call, g, params in zip(calls, out_grads, own):
@@ -151,8 +152,7 @@ class GhostClipping:
         with torch.autocast(device_type=losses.device.type, enabled=False):
             norms = per_example_norms(calls, out_grads, num_examples).to(losses.device)
         del calls, out_grads
-        # Opacus's clip factor (DPOptimizer.clip_and_accumulate): min(1, C / (||g_i|| + 1e-6)).
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = clip_factors(norms, self.max_grad_norm)
         with torch.enable_grad():
             # No cast of c_i to a bf16 loss dtype: rounding up could push a clipped norm past C.
             weighted = (factors.detach() * losses).sum()

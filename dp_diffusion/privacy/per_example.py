@@ -30,6 +30,7 @@ Modes:
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
@@ -210,6 +211,11 @@ def accumulate_layer_grads(
             per_param[p] = per_param[p] + grad if p in per_param else grad
 
 
+def parameter_uses(calls: Sequence[CapturedCall]) -> Counter[nn.Parameter]:
+    """How many of `calls` use each trainable parameter (a layer called twice, a weight tied between layers)."""
+    return Counter(p for call in calls for p in call.layer.parameters(recurse=False) if p.requires_grad)
+
+
 class GroupedGradients:
     """Per-example gradients from layer hooks and grouped native kernels (no autograd weight grads)."""
 
@@ -252,11 +258,7 @@ class GroupedGradients:
         all per-example gradients once more for their norms).
         """
         done: set[int] = set()
-        calls_left: dict[nn.Parameter, int] = {}
-        for record in records:
-            for p in record.layer.parameters(recurse=False):
-                if p.requires_grad:
-                    calls_left[p] = calls_left.get(p, 0) + 1
+        calls_left = parameter_uses(records)
         squared_norms = torch.zeros(num_examples, device=losses.device)
 
         def take(index: int, g: Tensor) -> None:
