@@ -10,14 +10,16 @@ import torch
 from toy_models import Probe, loop_per_example_grads, probe_case, probe_loss, shared_layers_case, tiny_unet_case
 from torch import nn
 
+from dp_diffusion.privacy import grad_samplers
 from dp_diffusion.privacy.per_example import PER_EXAMPLE_MODES, make_per_example_gradients
 
 MODES = list(PER_EXAMPLE_MODES)
 
 
+@pytest.mark.parametrize("noise_multiplicity", [1, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_each_layer_type_matches_naive_loop(mode):
-    model, loss_fn, batch = probe_case(num_examples=4, noise_multiplicity=3)
+def test_each_layer_type_matches_naive_loop(mode, noise_multiplicity):
+    model, loss_fn, batch = probe_case(num_examples=4, noise_multiplicity=noise_multiplicity)
     expected = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
     grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(loss_fn, batch)
     for name in expected[0]:
@@ -34,6 +36,31 @@ def test_unet_with_noise_multiplicity_matches_naive_loop(mode):
     for name in expected[0]:
         for i in range(3):
             torch.testing.assert_close(grads[name][i], expected[i][name], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_group_norm_reuses_the_forward_statistics(draws, monkeypatch):
+    """The GroupNorm sampler takes mean and 1/std from the forward's autograd node when the
+    output has one, and recomputes them when not (e.g. a first layer, whose output is a leaf)."""
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(2, 4).double()
+    x = torch.randn(3 * draws, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    output = layer(x)
+    saved = grad_samplers.saved_group_norm_statistics(output, 3 * draws, 2, torch.float64)
+    assert saved is not None
+    torch.testing.assert_close(saved[0].reshape(3 * draws, 2), x.detach().reshape(3 * draws, 2, -1).mean(-1))
+    g = torch.randn_like(output)
+    recomputed = grad_samplers.group_norm_grads(layer, x.detach(), g, 3, output.detach())
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("statistics recomputed although the forward saved them")
+
+    monkeypatch.setattr(torch.ops.aten, "native_group_norm", no_recompute)
+    reused = grad_samplers.group_norm_grads(layer, x.detach(), g, 3, output)
+    assert grad_samplers.saved_group_norm_statistics(output.detach(), 3 * draws, 2, torch.float64) is None
+    for p in (layer.weight, layer.bias):
+        assert reused[p].shape == (3, 4)
+        torch.testing.assert_close(reused[p], recomputed[p], rtol=1e-12, atol=1e-12)
 
 
 def test_auto_picks_grouped_and_falls_back_for_unsupported_layers():

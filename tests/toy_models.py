@@ -66,7 +66,7 @@ def toy_dataset(n: int = 64, dim: int = 6, seed: int = 0) -> torch.utils.data.Te
 
 
 class Probe(nn.Module):
-    """One of each supported layer type, with awkward settings (stride, groups, no bias)."""
+    """One of each supported layer type, with awkward settings (stride, groups, no bias), and a 1x1 conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,11 +74,12 @@ class Probe(nn.Module):
         self.conv = nn.Conv2d(2, 6, 3, stride=2, padding=1)
         self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
         self.norm = nn.GroupNorm(3, 6)
-        self.head = nn.Linear(6, 1)
+        self.pointwise = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 1)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.conv(x) + self.embed(labels)[:, :, None, None]
-        h = torch.tanh(self.norm(self.grouped(h)))
+        h = self.pointwise(torch.tanh(self.norm(self.grouped(h))))
         return self.head(h.mean(dim=(2, 3))).squeeze(1)
 
 

@@ -72,9 +72,10 @@ def linear_ghost_sq_norms(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: 
     return sq
 
 
-def materialised_sq_norms(layer: nn.Module, a: Tensor, g: Tensor, num_examples: int) -> Tensor:
+def materialised_sq_norms(layer: nn.Module, a: Tensor, g: Tensor, num_examples: int,
+                          output: Tensor | None = None) -> Tensor:
     """Per-example squared norm of a layer's parameter gradients, Tensor[B], from its per-example gradients."""
-    grads = GRAD_SAMPLERS[type(layer)](layer, a, g, num_examples)
+    grads = GRAD_SAMPLERS[type(layer)](layer, a, g, num_examples, output)
     return _sq_norms(grads.values(), num_examples, g)
 
 
@@ -91,7 +92,7 @@ def layer_sq_norms(call: CapturedCall, out_grad: Tensor | None, num_examples: in
     layer = call.layer
     if type(layer) is nn.Linear and ghost_norm_is_cheaper(layer, a.numel() // (num_examples * layer.in_features)):
         return linear_ghost_sq_norms(layer, a, g, num_examples)
-    return materialised_sq_norms(layer, a, g, num_examples)
+    return materialised_sq_norms(layer, a, g, num_examples, call.output)
 
 
 def per_example_norms(calls: list[CapturedCall], out_grads: Sequence[Tensor | None], num_examples: int) -> Tensor:

@@ -2,7 +2,9 @@
 
 Each function gets the layer, its input activations A and the gradient G of the
 summed per-example loss w.r.t. its output, both with n = B*K rows ordered
-example-major (row i*K + k is draw k of example i), and returns
+example-major (row i*K + k is draw k of example i), the number of examples B,
+and optionally the layer's output itself (whose autograd node may hold what the
+forward computed, e.g. GroupNorm's statistics), and returns
 {param: Tensor[B, *param.shape]}: the K draws of an example are summed inside
 the contraction, so memory is B x params whatever K is (noise multiplicity).
 
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-GradSampler = Callable[[nn.Module, Tensor, Tensor, int], dict[nn.Parameter, Tensor]]
+GradSampler = Callable[[nn.Module, Tensor, Tensor, int, Tensor | None], dict[nn.Parameter, Tensor]]
 
 
 def _fold(t: Tensor, num_examples: int) -> Tensor:
@@ -27,7 +29,8 @@ def _fold(t: Tensor, num_examples: int) -> Tensor:
     return t.reshape(num_examples, -1, *t.shape[1:])
 
 
-def linear_grads(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: int) -> dict[nn.Parameter, Tensor]:
+def linear_grads(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: int,
+                 output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     a = a.reshape(num_examples, -1, a.shape[-1])
     g = g.reshape(num_examples, -1, g.shape[-1])
     out = {}
@@ -38,42 +41,78 @@ def linear_grads(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: int) -> d
     return out
 
 
-def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int) -> dict[nn.Parameter, Tensor]:
+def _is_pointwise(layer: nn.Conv2d) -> bool:
+    return (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
+            and layer.groups == 1)
+
+
+def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int,
+                 output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         raise NotImplementedError("grouped per-example conv gradients need integer zero padding")
     b = num_examples
+    want_weight = layer.weight.requires_grad
+    want_bias = layer.bias is not None and layer.bias.requires_grad
     out = {}
-    if layer.weight.requires_grad:
+    if want_weight and _is_pointwise(layer):
+        # A 1x1 conv is a Linear layer over positions: one batched matrix product
+        # (a little faster than the grouped kernel for every 1x1 shape of the DPDM UNet).
+        a3 = _fold(a, b).transpose(1, 2).reshape(b, a.shape[1], -1)
+        g3 = _fold(g, b).transpose(1, 2).reshape(b, g.shape[1], -1)
+        out[layer.weight] = torch.bmm(g3, a3.transpose(1, 2)).reshape(b, *layer.weight.shape)
+        if want_bias:
+            out[layer.bias] = g3.sum(dim=2)
+        return out
+    if want_weight:
         # Fold examples into channels, draws into the batch: one grouped
-        # weight-gradient call sums the K draws and keeps examples apart.
+        # weight-gradient call sums the K draws and keeps examples apart, and its
+        # bias gradient (per group channel, summed over draws and positions) is
+        # the per-example bias gradient, from the same pass over g.
         a_g = _fold(a, b).transpose(0, 1).reshape(-1, b * a.shape[1], *a.shape[2:])
         g_g = _fold(g, b).transpose(0, 1).reshape(-1, b * g.shape[1], *g.shape[2:])
-        weight = torch.nn.grad.conv2d_weight(
-            a_g,
-            (b * layer.out_channels, *layer.weight.shape[1:]),
-            g_g,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=b * layer.groups,
-        )
+        weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
+        _, weight, bias = torch.ops.aten.convolution_backward(
+            g_g, a_g, g_g.new_empty(1).expand(weight_shape), [weight_shape[0]] if want_bias else None,
+            layer.stride, layer.padding, layer.dilation, False, [0, 0], b * layer.groups,
+            [False, True, want_bias])
         out[layer.weight] = weight.reshape(b, *layer.weight.shape)
-    if layer.bias is not None and layer.bias.requires_grad:
+        if want_bias:
+            out[layer.bias] = bias.reshape(b, layer.out_channels)
+    elif want_bias:
         out[layer.bias] = _fold(g, b).sum(dim=(1, 3, 4))
     return out
 
 
-def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: int) -> dict[nn.Parameter, Tensor]:
+def saved_group_norm_statistics(output: Tensor | None, rows: int, groups: int,
+                                dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """The per-(row, group) mean and 1/std the forward saved for the backward, if `output` has them."""
+    node = getattr(output, "grad_fn", None)
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    mean, rstd = node._saved_result1, node._saved_result2
+    if mean.shape != (rows, groups) or mean.dtype not in (dtype, torch.float32):
+        return None
+    return mean.reshape(1, -1), rstd.reshape(1, -1)
+
+
+def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: int,
+                     output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     # Every row's channels become channels of ONE example (n*C channels, n*G groups:
     # the same statistics), so the native backward kernel's per-channel sums
     # (sum of x_hat*g and of g, in one fused pass) are the per-row gradients.
+    # The statistics are the forward's where its autograd node kept them.
     rows, channels = a.shape[:2]
     spatial = a[0, 0].numel()
     groups = rows * layer.num_groups
     a1, g1 = a.reshape(1, rows * channels, spatial), g.reshape(1, rows * channels, spatial)
     want_weight = layer.weight is not None and layer.weight.requires_grad
     want_bias = layer.bias is not None and layer.bias.requires_grad
-    _, mean, rstd = torch.ops.aten.native_group_norm(a1, None, None, 1, rows * channels, spatial, groups, layer.eps)
+    saved = saved_group_norm_statistics(output, rows, layer.num_groups, a.dtype)
+    if saved is None:
+        _, mean, rstd = torch.ops.aten.native_group_norm(a1, None, None, 1, rows * channels, spatial, groups,
+                                                         layer.eps)
+    else:
+        mean, rstd = saved
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         g1, a1, mean, rstd, None, 1, rows * channels, spatial, groups, [False, want_weight, want_bias])
     out = {}
@@ -84,7 +123,8 @@ def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: in
     return out
 
 
-def embedding_grads(layer: nn.Embedding, a: Tensor, g: Tensor, num_examples: int) -> dict[nn.Parameter, Tensor]:
+def embedding_grads(layer: nn.Embedding, a: Tensor, g: Tensor, num_examples: int,
+                    output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     if not layer.weight.requires_grad:
         return {}
     rows, dim = layer.weight.shape

@@ -207,7 +207,7 @@ def accumulate_layer_grads(
     """Add each call's per-example parameter gradients into `per_param` (summed over calls of shared layers)."""
     for call, g in zip(calls, out_grads):
         activations, g = layer_call_inputs(call, g)
-        for p, grad in GRAD_SAMPLERS[type(call.layer)](call.layer, activations, g, num_examples).items():
+        for p, grad in GRAD_SAMPLERS[type(call.layer)](call.layer, activations, g, num_examples, call.output).items():
             per_param[p] = per_param[p] + grad if p in per_param else grad
 
 
