@@ -97,12 +97,11 @@ def layer_sq_norms(call: CapturedCall, out_grad: Tensor | None, num_examples: in
 
 def per_example_norms(calls: list[CapturedCall], out_grads: Sequence[Tensor | None], num_examples: int) -> Tensor:
     """Per-example norms ||g_i|| over every trainable parameter the captured calls touch, Tensor[B]."""
-    own = [[p for p in call.layer.parameters(recurse=False) if p.requires_grad] for call in calls]
     uses = parameter_uses(calls)
     shared_calls, shared_grads = [], []
     sq: Tensor | None = None
-    for call, g, params in zip(calls, out_grads, own):
-        if any(uses[p] > 1 for p in params):
+    for call, g in zip(calls, out_grads):
+        if any(uses[p] > 1 for p in call.params):
             shared_calls.append(call)
             shared_grads.append(g)
             continue
