@@ -66,7 +66,8 @@ def toy_dataset(n: int = 64, dim: int = 6, seed: int = 0) -> torch.utils.data.Te
 
 
 class Probe(nn.Module):
-    """One of each supported layer type, with awkward settings (stride, groups, no bias), and a 1x1 conv."""
+    """One of each supported layer type, with awkward settings (stride, groups, no bias),
+    a 1x1 conv and a conv to one channel (the grouped sampler's special cases)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,11 +76,12 @@ class Probe(nn.Module):
         self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
         self.norm = nn.GroupNorm(3, 6)
         self.pointwise = nn.Conv2d(6, 4, 1)
-        self.head = nn.Linear(4, 1)
+        self.narrow = nn.Conv2d(4, 1, (3, 2), padding=(1, 2))
+        self.head = nn.Linear(1, 1)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.conv(x) + self.embed(labels)[:, :, None, None]
-        h = self.pointwise(torch.tanh(self.norm(self.grouped(h))))
+        h = self.narrow(self.pointwise(torch.tanh(self.norm(self.grouped(h)))))
         return self.head(h.mean(dim=(2, 3))).squeeze(1)
 
 

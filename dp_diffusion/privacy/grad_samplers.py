@@ -16,9 +16,11 @@ conv weight-gradient kernel run with groups=B is several times faster on CPU
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 GradSampler = Callable[[nn.Module, Tensor, Tensor, int, Tensor | None], dict[nn.Parameter, Tensor]]
@@ -41,9 +43,45 @@ def linear_grads(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: int,
     return out
 
 
+def _examples_as_channels(t: Tensor, num_examples: int) -> Tensor:
+    """(B*K, C, H, W) -> (K, B*C, H, W): draw k of every example in batch row k."""
+    if t.shape[0] == num_examples:  # K=1: a view, one op (this runs ~70 times a step)
+        return t.reshape(1, -1, *t.shape[2:])
+    return _fold(t, num_examples).transpose(0, 1).reshape(-1, num_examples * t.shape[1], *t.shape[2:])
+
+
 def _is_pointwise(layer: nn.Conv2d) -> bool:
     return (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
             and layer.groups == 1)
+
+
+def _is_narrow(layer: nn.Conv2d, rows: int, num_examples: int) -> bool:
+    """Few output channels or one input channel (a UNet's first and last conv), one draw per example."""
+    return (rows == num_examples and layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1
+            and (layer.out_channels <= 3 or layer.in_channels == 1))
+
+
+def _narrow_conv_weight_grads(layer: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-example weight gradients of a stride-1 conv, one batched matmul per kernel offset.
+
+    Why: with groups=B and one or three channels per group the native kernel is
+    3-6x slower than this (32->1 channels at 28x28, B=64: 0.85 against 4.8 ms).
+    The input is zero-padded and flattened row by row; the output gradient is
+    laid on the same padded-row grid (zeros in the extra columns), so the window
+    of kernel offset (i, j) is one contiguous slice starting at i * row + j.
+    """
+    num_examples, c_in, _, width = a.shape
+    h_out, w_out = g.shape[2:]
+    (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+    row = width + 2 * pw
+    x = F.pad(F.pad(a, (pw, pw, ph, ph)).flatten(2), (0, kw - 1))
+    gp = F.pad(g, (0, row - w_out)).flatten(2)
+    out = a.new_empty(kh, kw, num_examples, layer.out_channels, c_in)
+    for i in range(kh):
+        for j in range(kw):
+            start = i * row + j
+            torch.bmm(gp, x[:, :, start:start + h_out * row].transpose(1, 2), out=out[i, j])
+    return out.permute(2, 3, 4, 0, 1).contiguous()
 
 
 def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int,
@@ -54,6 +92,11 @@ def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int,
     want_weight = layer.weight.requires_grad
     want_bias = layer.bias is not None and layer.bias.requires_grad
     out = {}
+    if want_weight and _is_narrow(layer, a.shape[0], b):
+        out[layer.weight] = _narrow_conv_weight_grads(layer, a, g)
+        if want_bias:
+            out[layer.bias] = g.sum(dim=(2, 3))
+        return out
     if want_weight and _is_pointwise(layer):
         # A 1x1 conv is a Linear layer over positions: one batched matrix product
         # (a little faster than the grouped kernel for every 1x1 shape of the DPDM UNet).
@@ -68,8 +111,7 @@ def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int,
         # weight-gradient call sums the K draws and keeps examples apart, and its
         # bias gradient (per group channel, summed over draws and positions) is
         # the per-example bias gradient, from the same pass over g.
-        a_g = _fold(a, b).transpose(0, 1).reshape(-1, b * a.shape[1], *a.shape[2:])
-        g_g = _fold(g, b).transpose(0, 1).reshape(-1, b * g.shape[1], *g.shape[2:])
+        a_g, g_g = _examples_as_channels(a, b), _examples_as_channels(g, b)
         weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
         _, weight, bias = torch.ops.aten.convolution_backward(
             g_g, a_g, g_g.new_empty(1).expand(weight_shape), [weight_shape[0]] if want_bias else None,
@@ -102,7 +144,7 @@ def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: in
     # (sum of x_hat*g and of g, in one fused pass) are the per-row gradients.
     # The statistics are the forward's where its autograd node kept them.
     rows, channels = a.shape[:2]
-    spatial = a[0, 0].numel()
+    spatial = math.prod(a.shape[2:])
     groups = rows * layer.num_groups
     a1, g1 = a.reshape(1, rows * channels, spatial), g.reshape(1, rows * channels, spatial)
     want_weight = layer.weight is not None and layer.weight.requires_grad
