@@ -113,8 +113,11 @@ def conv2d_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, num_examples: int,
         # the per-example bias gradient, from the same pass over g.
         a_g, g_g = _examples_as_channels(a, b), _examples_as_channels(g, b)
         weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
+        # The kernel reads only the weight's shape and layout. An expanded 1-element tensor
+        # (what torch.nn.grad.conv2d_weight passes) makes it clone its result to be contiguous:
+        # 0.4-0.6 ms per 64-channel layer at B=64. An uninitialised dense tensor does not.
         _, weight, bias = torch.ops.aten.convolution_backward(
-            g_g, a_g, g_g.new_empty(1).expand(weight_shape), [weight_shape[0]] if want_bias else None,
+            g_g, a_g, g_g.new_empty(weight_shape), [weight_shape[0]] if want_bias else None,
             layer.stride, layer.padding, layer.dilation, False, [0, 0], b * layer.groups,
             [False, True, want_bias])
         out[layer.weight] = weight.reshape(b, *layer.weight.shape)
