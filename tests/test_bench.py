@@ -121,3 +121,39 @@ def test_training_rows_are_timed_round_robin_and_an_oom_row_is_skipped():
     assert len(rows["a"]["times_ms"]) == 3 and rows["a"]["ms"] == sorted(rows["a"]["times_ms"])[1]
     assert rows["b"]["ms"] is None and "out of memory" in rows["b"]["note"]
     assert rows["c"]["ms"] is None and rows["d"]["ms"] is not None
+
+
+@pytest.mark.slow
+def test_variant_rows_run_on_cpu_and_compiled_rows_are_not_recompiled_while_timed(monkeypatch, tmp_path):
+    """The GPU variants (bf16 autocast, channels-last, torch.compile) also run on CPU: their DP rows
+    are timed only after their per-example gradients were checked against eager fp32, a compiled
+    model's DP row is skipped with the reason, and nothing compiles while the rows are timed."""
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from dp_diffusion.bench import _Benchmark
+
+    compile_module = nn.Module.compile
+    # Dynamo's graph capture without Inductor's code generation: the same caching, in seconds.
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager"))
+    compiled_while_timing = []
+    time_round_robin = _Benchmark.time_round_robin
+
+    def timed(self, prepared):
+        before = counters["frames"]["total"]
+        time_round_robin(self, prepared)
+        compiled_while_timing.append(counters["frames"]["total"] - before)
+
+    monkeypatch.setattr(_Benchmark, "time_round_robin", timed)
+    settings = {**TINY, "noise_multiplicities": (1,), "modes": ("grouped",), "samplers": (), "repeats": 2}
+    result = run_benchmark(out=tmp_path / "variants", variants=("bf16", "channels_last", "compile"), **settings)
+    rows = {r["what"]: r for r in result["train"]}
+    for variant in ("bf16 autocast", "channels-last"):
+        assert rows[f"{NONPRIVATE} + {variant}"]["ms"] > 0
+        dp = rows[f"DP grouped + {variant}"]
+        assert dp["ms"] > 0 and "per-example grads vs eager fp32: rel. err." in dp["note"]
+    assert rows[f"{NONPRIVATE} + torch.compile"]["ms"] > 0
+    assert rows["DP grouped + torch.compile"]["ms"] is None
+    assert "skipped" in rows["DP grouped + torch.compile"]["note"]
+    assert "cannot see inside a torch.compile'd module" in rows["DP grouped + torch.compile"]["note"]
+    assert compiled_while_timing == [0]

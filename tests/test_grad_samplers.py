@@ -89,6 +89,10 @@ def test_grouped_mode_under_bf16_autocast_is_close_to_fp32():
 def test_grouped_mode_refuses_compiled_modules():
     with pytest.raises(ValueError, match="torch.compile"):
         make_per_example_gradients(torch.compile(Probe()), "grouped")
+    in_place = Probe()
+    in_place.norm.compile()  # Module.compile: no wrapper, the hooks would still be hidden
+    with pytest.raises(ValueError, match="torch.compile"):
+        make_per_example_gradients(in_place, "grouped")
 
 
 @pytest.mark.parametrize("case", ["probe", "shared", "unet"])

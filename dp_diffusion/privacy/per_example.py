@@ -151,7 +151,8 @@ def check_hookable(module: nn.Module, mode: str) -> None:
             f"privacy.grad_mode={mode} supports only Linear, Conv2d, GroupNorm and Embedding "
             "parameters; use grad_mode=functorch for this model"
         )
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    compiled_in_place = any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or compiled_in_place:
         raise ValueError(f"privacy.grad_mode={mode} cannot see inside a torch.compile'd module; "
                          "use grad_mode=functorch or compile only for sampling")
 
