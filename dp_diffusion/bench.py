@@ -10,10 +10,12 @@ On one model, one batch and one device this times
    multiplicity K; the baseline is re-timed at every K (its work grows with K
    too) and every DP row is divided by the baseline at the same K;
 3. sampling throughput of each sampler with the raw (EMA-free) denoiser;
-4. on CUDA, the non-private and grouped DP steps again under bf16 autocast,
-   channels-last and torch.compile (a DP variant is timed only if its
-   per-example gradients match eager fp32 ones; hooks and compilers can
-   silently disagree).
+4. on CUDA (on CPU with `--variants`), the non-private and grouped DP steps
+   again under bf16 autocast, channels-last and torch.compile (a DP variant
+   is timed only if its per-example gradients match eager fp32 ones; hooks
+   and compilers can silently disagree). The grouped mode's layer hooks
+   cannot see inside a compiled model, so its compile row is reported as
+   skipped, with that reason.
 
 Every call is timed after warm-up calls, with `torch.cuda.synchronize()` on
 CUDA, and the median of `repeats` is reported. Writes a Markdown table and the
