@@ -395,6 +395,10 @@ def dp_label(mode: str, variant: str | None = None) -> str:
     return f"DP {mode}" + (f" + {VARIANTS[variant]}" if variant else "")
 
 
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the rows finished so far were written."""
+
+
 class VariantMismatch(RuntimeError):
     """A GPU variant computes different per-example gradients than eager fp32."""
 
@@ -438,13 +442,22 @@ def run_benchmark(
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    train_rows: list[dict[str, Any]] = []
+    sample_rows: list[dict[str, Any]] = []
+    interrupted = None
     try:
         bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose, physical_batch_size)
-        train_rows = []
-        for k in noise_multiplicities:
-            train_rows += bench.training_rows(k, modes, variants)
+        try:
+            for k in noise_multiplicities:
+                train_rows += bench.training_rows(k, modes, variants)
+            for name in samplers:
+                sample_rows.append(bench.sampling_row(name, sample_steps, sample_batch))
+        except KeyboardInterrupt:
+            # A long run stopped by hand keeps what it finished: every K done, every sampler done.
+            done = sorted({r["K"] for r in train_rows})
+            interrupted = (f"interrupted (Ctrl-C): training rows for K in {done or 'none'} of "
+                           f"{noise_multiplicities}, {len(sample_rows)} of {len(samplers)} samplers")
         _add_ratios(train_rows)
-        sample_rows = [bench.sampling_row(name, sample_steps, sample_batch) for name in samplers]
         env = environment(dev)
     finally:
         torch.set_num_threads(threads_before)
@@ -462,6 +475,8 @@ def run_benchmark(
         "train": train_rows,
         "sample": sample_rows,
     }
+    if interrupted:
+        result["interrupted"] = interrupted
     if previous is not None:
         result["compare"] = {"against": str(compare), "env": previous.get("env", {}),
                              "settings": previous.get("settings", {}), "rows": compare_rows(result, previous)}
@@ -479,6 +494,8 @@ def run_benchmark(
     if verbose:
         print(markdown)
         print(f"wrote {md_path} and {json_path}")
+    if interrupted:
+        raise BenchInterrupted(f"{interrupted}; wrote them to {md_path} and {json_path}")
     return result
 
 
@@ -760,6 +777,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                   _fmt(r.get("images_per_s"), 1), _fmt(r["peak_mib"], 1), r["note"]] for r in result["sample"]],
             ),
         ]
+    if result.get("interrupted"):
+        parts[1:1] = ["", f"**Partial results**, {result['interrupted']}."]
     parts += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     parts += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
     if "compare" in result:
@@ -862,6 +881,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     except BenchSettingsError as err:
         parser.error(str(err))
+    except BenchInterrupted as err:
+        print(f"dp-diffusion bench: {err}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,31 @@ def test_variant_rows_run_on_cpu_and_compiled_rows_are_not_recompiled_while_time
     assert "skipped" in rows["DP grouped + torch.compile"]["note"]
     assert "cannot see inside a torch.compile'd module" in rows["DP grouped + torch.compile"]["note"]
     assert compiled_while_timing == [0]
+
+
+def test_an_interrupted_run_writes_the_rows_it_finished(monkeypatch, tmp_path, capsys):
+    """Ctrl-C in the middle of a long run: the K values finished so far are written, marked as
+    partial, and the command exits with 130."""
+    from dp_diffusion.bench import _Benchmark
+
+    training_rows = _Benchmark.training_rows
+
+    def interrupted_at_second_k(self, k, modes, variants):
+        if k == 2:
+            raise KeyboardInterrupt
+        return training_rows(self, k, modes, variants)
+
+    monkeypatch.setattr(_Benchmark, "training_rows", interrupted_at_second_k)
+    out = tmp_path / "partial"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny", "--batch-size", "4", "--noise-multiplicity", "1,2", "--modes", "grouped",
+              "--samplers", "ddim", "--sample-steps", "2", "--sample-batch", "4", "--repeats", "1", "--warmup", "1",
+              "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert exit_info.value.code == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert {r["id"] for r in saved["train"]} == {f"{NONPRIVATE} K=1", "DP grouped K=1"}
+    assert all(r["ms"] > 0 for r in saved["train"])
+    assert saved["sample"] == []
+    assert "K in [1] of [1, 2], 0 of 1 samplers" in saved["interrupted"]
+    assert "**Partial results**, interrupted (Ctrl-C)" in out.with_suffix(".md").read_text()
