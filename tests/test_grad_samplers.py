@@ -113,3 +113,31 @@ def test_grouped_norms_taken_on_the_way_equal_the_norms_of_the_gradients(case):
     for name in grads:  # and the gradients themselves are still the naive loop's
         for i, want in enumerate(reference):
             torch.testing.assert_close(grads[name][i], want[name], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("parameters_need_grad", [False, True])
+def test_output_gradients_are_handed_over_once_each_and_not_held(parameters_need_grad):
+    """`stream_output_grads` (the first backward of grouped and ghost) hands each captured call's output
+    gradient to `take` once, and by then the ones handed over before are freed: they are not all held
+    until the pass ends. With trainable parameters (ghost's forward) as with detached ones (grouped's)."""
+    import weakref
+
+    from dp_diffusion.privacy.per_example import LayerCapture, stream_output_grads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(6)])
+    detached = {k: p.detach() for k, p in model.named_parameters()}  # grouped mode's forward
+    capture = LayerCapture(model)
+    taken, alive_at_take = [], []
+
+    def take(index, g):
+        alive_at_take.append(sum(ref() is not None for _, ref in taken))
+        taken.append((index, weakref.ref(g)))
+
+    with capture.recording() as records, torch.enable_grad():
+        x = torch.randn(3, 4)
+        out = model(x) if parameters_need_grad else torch.func.functional_call(model, detached, (x,))
+        stream_output_grads(out.pow(2).sum(1), records, take)
+    assert sorted(i for i, _ in taken) == list(range(6))
+    assert max(alive_at_take) <= 1, alive_at_take
+    assert all(p.grad is None for p in model.parameters())

@@ -7,7 +7,9 @@ clipping", arXiv 2205.10683):
 
 1. Forward with the real parameters; the hooks of `LayerCapture` record each
    supported layer's input A and output. A first backward gives the output
-   gradients G only (the parameters' gradients are not asked for in this pass).
+   gradients G only (the parameters' gradients are not asked for in this pass),
+   each handed over as soon as it exists and freed after its layer's norm
+   (`per_example.stream_output_grads`).
 2. From (A, G) each layer adds its per-example squared gradient norm:
    - Linear, when cheaper: the ghost norm, never forming dL_i/dW. With S rows
      per example (its K noise draws times any sequence positions),
@@ -27,6 +29,7 @@ its K draws, and the K draws' rows are among its S rows above.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -43,6 +46,7 @@ from dp_diffusion.privacy.per_example import (
     check_hookable,
     layer_call_inputs,
     parameter_uses,
+    stream_output_grads,
     trainable_parameters,
 )
 
@@ -95,30 +99,41 @@ def layer_sq_norms(call: CapturedCall, out_grad: Tensor | None, num_examples: in
     return materialised_sq_norms(layer, a, g, num_examples, call.output)
 
 
-def per_example_norms(calls: list[CapturedCall], out_grads: Sequence[Tensor | None], num_examples: int) -> Tensor:
-    """Per-example norms ||g_i|| over every trainable parameter the captured calls touch, Tensor[B]."""
-    uses = parameter_uses(calls)
-    shared_calls, shared_grads = [], []
-    sq: Tensor | None = None
-    for call, g in zip(calls, out_grads):
-        if any(uses[p] > 1 for p in call.params):
-            shared_calls.append(call)
-            shared_grads.append(g)
-            continue
-        layer_sq = layer_sq_norms(call, g, num_examples)
-        sq = layer_sq if sq is None else sq + layer_sq
-    if shared_calls:
-        # Per-example gradient of a shared parameter = sum over its calls; sum first, then the norm.
-        per_param: dict[nn.Parameter, Tensor] = {}
-        accumulate_layer_grads(shared_calls, shared_grads, num_examples, per_param)
-        like = next(iter(per_param.values()))
-        shared_sq = _sq_norms(per_param.values(), num_examples, like)
-        del per_param
-        sq = shared_sq if sq is None else sq + shared_sq
-    if sq is None:
-        return torch.zeros(num_examples)
-    # <G G^T, A A^T> >= 0 exactly, but rounding can leave a tiny negative.
-    return sq.clamp(min=0).sqrt()
+class StreamedNorms:
+    """Per-example gradient norms over every trainable parameter of `calls`, taken call by call as
+    their output gradients arrive (`take`), so at most one layer's per-example gradients exist at once.
+
+    A parameter used by several calls (a layer called twice, a tied weight) has per-example
+    gradients that are sums over its calls: those calls' gradients are summed as they come and its
+    norm is taken after its last call.
+    """
+
+    def __init__(self, calls: Sequence[CapturedCall], num_examples: int) -> None:
+        self.num_examples = num_examples
+        self.calls_left = parameter_uses(calls)
+        self.shared = {p for p, uses in self.calls_left.items() if uses > 1}
+        self.per_param: dict[nn.Parameter, Tensor] = {}
+        self.parts: list[Tensor] = []
+
+    def take(self, call: CapturedCall, out_grad: Tensor | None) -> None:
+        if not any(p in self.shared for p in call.params):
+            self.parts.append(layer_sq_norms(call, out_grad, self.num_examples))
+            return
+        accumulate_layer_grads([call], [out_grad], self.num_examples, self.per_param)
+        for p in call.params:
+            self.calls_left[p] -= 1
+            if self.calls_left[p] == 0:
+                summed = self.per_param.pop(p)
+                self.parts.append(_sq_norms([summed], self.num_examples, summed))
+
+    def norms(self) -> Tensor:
+        """Tensor[B]: sqrt of the summed squared norms."""
+        if not self.parts:
+            return torch.zeros(self.num_examples)
+        dtype = functools.reduce(torch.promote_types, (part.dtype for part in self.parts))
+        sq = torch.stack([part.to(dtype) for part in self.parts]).sum(dim=0)
+        # <G G^T, A A^T> >= 0 exactly, but rounding can leave a tiny negative.
+        return sq.clamp(min=0).sqrt()
 
 
 class GhostClipping:
@@ -146,12 +161,11 @@ class GhostClipping:
         params = list(trainable_parameters(self.module).values())
         with self.capture.recording() as calls, torch.enable_grad():
             losses = loss_fn(self.module, batch)
-            out_grads = torch.autograd.grad(
-                losses.sum(), [c.output for c in calls], retain_graph=True, allow_unused=True
-            )
-        with torch.autocast(device_type=losses.device.type, enabled=False):
-            norms = per_example_norms(calls, out_grads, num_examples).to(losses.device)
-        del calls, out_grads
+            layer_norms = StreamedNorms(calls, num_examples)
+            # The graph is kept for the second backward below.
+            stream_output_grads(losses, calls, lambda i, g: layer_norms.take(calls[i], g), retain_graph=True)
+        norms = layer_norms.norms().to(losses.device)
+        del calls, layer_norms
         factors = clip_factors(norms, self.max_grad_norm)
         with torch.enable_grad():
             # No cast of c_i to a bf16 loss dtype: rounding up could push a clipped norm past C.

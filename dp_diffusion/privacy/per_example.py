@@ -136,12 +136,14 @@ class OpacusHookGradients:
 
 class CapturedCall(NamedTuple):
     """One call of a hooked layer: its (detached) input, its output, whose gradient is asked for,
-    and the layer's own trainable parameters."""
+    the layer's own trainable parameters, and whether its input needed a gradient (if not, the
+    call starts a branch of the graph, e.g. the first conv or a label embedding)."""
 
     layer: nn.Module
     activations: Tensor
     output: Tensor
     params: tuple[nn.Parameter, ...]
+    input_needs_grad: bool
 
 
 def check_hookable(module: nn.Module, mode: str) -> None:
@@ -189,7 +191,8 @@ class LayerCapture:
             # Nothing upstream needs a gradient (first layer, label embedding):
             # make the output a leaf so its gradient can be asked for.
             output = output.detach().requires_grad_(True)
-        self._records.append(CapturedCall(layer, inputs[0].detach(), output, self._params[layer]))
+        self._records.append(CapturedCall(layer, inputs[0].detach(), output, self._params[layer],
+                                          inputs[0].requires_grad))
         return output
 
 
@@ -259,62 +262,77 @@ class GroupedGradients:
     @staticmethod
     def _streamed_backward(losses: Tensor, records: list[CapturedCall], num_examples: int,
                            per_param: dict[nn.Parameter, Tensor]) -> Tensor:
-        """One input-only backward; each layer's per-example gradients are formed as soon as its output
-        gradient exists, so output gradients (as large as the activations) are freed as the pass goes
-        instead of all being held until it ends (DPDM UNet, B=64, K=8: peak RSS growth 10.1 -> 8.6 GB).
+        """One input-only backward that forms each layer's per-example gradients as soon as its output
+        gradient exists (`stream_output_grads`).
 
         Returns the per-example squared gradient norms, each parameter's part taken as soon as its
         last call is in, while its gradients are still in cache (the clipping then need not read
         all per-example gradients once more for their norms).
         """
-        done: set[int] = set()
         calls_left = parameter_uses(records)
         norm_parts: list[Tensor] = []
-        # Per-example gradients in the parameters' dtype even under autocast; the context is
-        # entered only when autocast is on (entering it ~140 times a step costs ~5 ms on CPU).
-        device_type = losses.device.type
-        full_precision = (partial(torch.autocast, device_type=device_type, enabled=False)
-                          if torch.is_autocast_enabled(device_type) else nullcontext)
 
         def take(index: int, g: Tensor) -> None:
-            if index in done:  # a later pass may reach an already-handled output again
-                return
-            done.add(index)
             call = records[index]
-            with full_precision():
-                accumulate_layer_grads([call], [g], num_examples, per_param)
-                for p in call.params:
-                    calls_left[p] -= 1
-                    if calls_left[p] == 0:  # shared layers: the norm of the summed gradient
-                        norm_parts.append(_row_norms(per_param[p].reshape(num_examples, -1)))
+            accumulate_layer_grads([call], [g], num_examples, per_param)
+            for p in call.params:
+                calls_left[p] -= 1
+                if calls_left[p] == 0:  # shared layers: the norm of the summed gradient
+                    norm_parts.append(_row_norms(per_param[p].reshape(num_examples, -1)))
 
-        handles = [r.output.register_hook(lambda g, i=i: take(i, g)) for i, r in enumerate(records)]
-        try:
-            # Every output that needs a gradient descends from the outputs the capture made leaves
-            # (parameters are detached), so asking for those runs every hook; whatever a hook did
-            # not cover (e.g. an input that itself requires grad) gets a second pass below.
-            roots = [i for i, r in enumerate(records) if r.output.is_leaf]
-            total = losses.sum()
-            if roots:
-                root_grads = torch.autograd.grad(total, [records[i].output for i in roots],
-                                                 retain_graph=True, allow_unused=True)
-                for i, g in zip(roots, root_grads):
-                    if g is not None:
-                        take(i, g)
-            rest = [i for i in range(len(records)) if i not in done]
-            if rest:
-                rest_grads = torch.autograd.grad(total, [records[i].output for i in rest], allow_unused=True)
-                for i, g in zip(rest, rest_grads):
-                    if i not in done:
-                        if g is None:
-                            layer_call_inputs(records[i], None)  # raises: no gradient reached the layer
-                        take(i, g)
-        finally:
-            for handle in handles:
-                handle.remove()
+        stream_output_grads(losses, records, take)
         if not norm_parts:
             return torch.zeros(num_examples, device=losses.device)
         return torch.stack(norm_parts).square().sum(dim=0)
+
+
+def stream_output_grads(losses: Tensor, records: list[CapturedCall], take: Callable[[int, Tensor], None],
+                        retain_graph: bool = False) -> None:
+    """One backward of `losses.sum()` that calls `take(i, grad)` once per captured call i, as soon as
+    autograd has that call's output gradient, with autocast off.
+
+    Gradients are asked only for the outputs of calls whose input needed none (the first layer of
+    each branch); every other captured output lies on the way to one of those, and its hook hands it
+    to `take` there. So no parameter gradient is formed, and output gradients (as large as the
+    activations) are freed as the pass goes instead of all being held until it ends (DPDM UNet,
+    B=64, K=8: peak RSS growth 10.1 -> 8.6 GB). Outputs the hooks did not reach (an input that itself
+    needs a gradient) get a second pass.
+    """
+    done: set[int] = set()
+    device_type = losses.device.type
+    # Entered only when autocast is on: entering it ~140 times a step costs ~5 ms on CPU.
+    full_precision = (partial(torch.autocast, device_type=device_type, enabled=False)
+                      if torch.is_autocast_enabled(device_type) else nullcontext)
+
+    def once(index: int, g: Tensor) -> None:
+        if index in done:  # a later pass may reach an already-handled output again
+            return
+        done.add(index)
+        with full_precision():
+            take(index, g)
+
+    handles = [r.output.register_hook(lambda g, i=i: once(i, g)) for i, r in enumerate(records)]
+    try:
+        roots = [i for i, r in enumerate(records) if not r.input_needs_grad]
+        total = losses.sum()
+        if roots:
+            root_grads = torch.autograd.grad(total, [records[i].output for i in roots],
+                                             retain_graph=True, allow_unused=True)
+            for i, g in zip(roots, root_grads):
+                if g is not None:
+                    once(i, g)
+        rest = [i for i in range(len(records)) if i not in done]
+        if rest:
+            rest_grads = torch.autograd.grad(total, [records[i].output for i in rest],
+                                             retain_graph=retain_graph, allow_unused=True)
+            for i, g in zip(rest, rest_grads):
+                if i not in done:
+                    if g is None:
+                        layer_call_inputs(records[i], None)  # raises: no gradient reached the layer
+                    once(i, g)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _row_norms(rows: Tensor) -> Tensor:
