@@ -29,19 +29,17 @@ its K draws, and the K draws' rows are among its S rows above.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dp_diffusion.privacy.clipping import clip_factors
-from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS
 from dp_diffusion.privacy.per_example import (
     CapturedCall,
     LayerCapture,
+    NormsOnTheWay,
     PerExampleLoss,
-    accumulate_layer_grads,
     batch_size_of,
     check_hookable,
     layer_call_inputs,
@@ -76,64 +74,12 @@ def linear_ghost_sq_norms(layer: nn.Linear, a: Tensor, g: Tensor, num_examples: 
     return sq
 
 
-def materialised_sq_norms(layer: nn.Module, a: Tensor, g: Tensor, num_examples: int,
-                          output: Tensor | None = None) -> Tensor:
-    """Per-example squared norm of a layer's parameter gradients, Tensor[B], from its per-example gradients."""
-    grads = GRAD_SAMPLERS[type(layer)](layer, a, g, num_examples, output)
-    return _sq_norms(grads.values(), num_examples, g)
-
-
-def _sq_norms(grads: Iterable[Tensor], num_examples: int, like: Tensor) -> Tensor:
-    sq = like.new_zeros(num_examples)
-    for grad in grads:
-        sq = sq + grad.reshape(num_examples, -1).pow(2).sum(dim=1)
-    return sq
-
-
-def layer_sq_norms(call: CapturedCall, out_grad: Tensor | None, num_examples: int) -> Tensor:
-    """Per-example squared gradient norm of one layer call: ghost norm where cheaper, else materialised."""
-    a, g = layer_call_inputs(call, out_grad)
+def ghost_norm_applies(call: CapturedCall, num_examples: int, shared: set[nn.Parameter]) -> bool:
+    """Whether a call's norm part is taken by the ghost norm: a Linear layer used once, where cheaper."""
     layer = call.layer
-    if type(layer) is nn.Linear and ghost_norm_is_cheaper(layer, a.numel() // (num_examples * layer.in_features)):
-        return linear_ghost_sq_norms(layer, a, g, num_examples)
-    return materialised_sq_norms(layer, a, g, num_examples, call.output)
-
-
-class StreamedNorms:
-    """Per-example gradient norms over every trainable parameter of `calls`, taken call by call as
-    their output gradients arrive (`take`), so at most one layer's per-example gradients exist at once.
-
-    A parameter used by several calls (a layer called twice, a tied weight) has per-example
-    gradients that are sums over its calls: those calls' gradients are summed as they come and its
-    norm is taken after its last call.
-    """
-
-    def __init__(self, calls: Sequence[CapturedCall], num_examples: int) -> None:
-        self.num_examples = num_examples
-        self.calls_left = parameter_uses(calls)
-        self.shared = {p for p, uses in self.calls_left.items() if uses > 1}
-        self.per_param: dict[nn.Parameter, Tensor] = {}
-        self.parts: list[Tensor] = []
-
-    def take(self, call: CapturedCall, out_grad: Tensor | None) -> None:
-        if not any(p in self.shared for p in call.params):
-            self.parts.append(layer_sq_norms(call, out_grad, self.num_examples))
-            return
-        accumulate_layer_grads([call], [out_grad], self.num_examples, self.per_param)
-        for p in call.params:
-            self.calls_left[p] -= 1
-            if self.calls_left[p] == 0:
-                summed = self.per_param.pop(p)
-                self.parts.append(_sq_norms([summed], self.num_examples, summed))
-
-    def norms(self) -> Tensor:
-        """Tensor[B]: sqrt of the summed squared norms."""
-        if not self.parts:
-            return torch.zeros(self.num_examples)
-        dtype = functools.reduce(torch.promote_types, (part.dtype for part in self.parts))
-        sq = torch.stack([part.to(dtype) for part in self.parts]).sum(dim=0)
-        # <G G^T, A A^T> >= 0 exactly, but rounding can leave a tiny negative.
-        return sq.clamp(min=0).sqrt()
+    if type(layer) is not nn.Linear or any(p in shared for p in call.params):
+        return False
+    return ghost_norm_is_cheaper(layer, call.activations.numel() // (num_examples * layer.in_features))
 
 
 class GhostClipping:
@@ -161,10 +107,22 @@ class GhostClipping:
         params = list(trainable_parameters(self.module).values())
         with self.capture.recording() as calls, torch.enable_grad():
             losses = loss_fn(self.module, batch)
-            layer_norms = StreamedNorms(calls, num_examples)
+            # Materialised norm parts free each layer's per-example gradients once its norm is in.
+            layer_norms = NormsOnTheWay(calls, num_examples, keep=False)
+            shared = {p for p, uses in parameter_uses(calls).items() if uses > 1}
+
+            def take(index: int, out_grad: Tensor) -> None:
+                call = calls[index]
+                if ghost_norm_applies(call, num_examples, shared):
+                    a, g = layer_call_inputs(call, out_grad)
+                    layer_norms.add_squared(linear_ghost_sq_norms(call.layer, a, g, num_examples))
+                else:
+                    layer_norms.add(call, out_grad)
+
             # The graph is kept for the second backward below.
-            stream_output_grads(losses, calls, lambda i, g: layer_norms.take(calls[i], g), retain_graph=True)
-        norms = layer_norms.norms().to(losses.device)
+            stream_output_grads(losses, calls, take, retain_graph=True)
+        # <G G^T, A A^T> >= 0 exactly, but rounding can leave a tiny negative.
+        norms = layer_norms.squared(losses.device).clamp(min=0).sqrt()
         del calls, layer_norms
         factors = clip_factors(norms, self.max_grad_norm)
         with torch.enable_grad():

@@ -229,6 +229,45 @@ def parameter_uses(calls: Sequence[CapturedCall]) -> Counter[nn.Parameter]:
     return Counter(p for call in calls for p in call.params)
 
 
+class NormsOnTheWay:
+    """Per-example gradient norms over every trainable parameter the captured calls touch, taken as
+    the calls' output gradients arrive.
+
+    `add` forms a call's per-example gradients into `per_param` (summed over the calls of a layer
+    called twice or a tied weight) and takes a parameter's part of the norm as soon as its last call
+    is in, while its gradients are still in cache (the clipping then need not read them all once
+    more); `keep=False` frees them then. `add_squared` adds a part found another way (a ghost norm).
+    """
+
+    def __init__(self, calls: Sequence[CapturedCall], num_examples: int, keep: bool = True) -> None:
+        self.num_examples = num_examples
+        self.keep = keep
+        self.calls_left = parameter_uses(calls)
+        self.per_param: dict[nn.Parameter, Tensor] = {}
+        self._norms: list[Tensor] = []
+        self._squared: list[Tensor] = []
+
+    def add(self, call: CapturedCall, out_grad: Tensor | None) -> None:
+        accumulate_layer_grads([call], [out_grad], self.num_examples, self.per_param)
+        for p in call.params:
+            self.calls_left[p] -= 1
+            if self.calls_left[p] == 0:
+                grads = self.per_param[p] if self.keep else self.per_param.pop(p)
+                self._norms.append(row_norms(grads.reshape(self.num_examples, -1)))
+
+    def add_squared(self, squared_norms: Tensor) -> None:
+        self._squared.append(squared_norms)
+
+    def squared(self, device: torch.device) -> Tensor:
+        """Tensor[B]: the per-example squared norms, all parts summed."""
+        total = torch.zeros(self.num_examples, device=device)
+        if self._norms:
+            total = total + torch.stack(self._norms).square().sum(dim=0)
+        if self._squared:
+            total = total + torch.stack(self._squared).sum(dim=0)
+        return total
+
+
 class GroupedGradients:
     """Per-example gradients from layer hooks and grouped native kernels (no autograd weight grads)."""
 
@@ -245,45 +284,19 @@ class GroupedGradients:
         if num_examples == 0:
             return _empty_grads(params), torch.zeros(0)
         # Detached parameters: autograd computes input gradients only; the
-        # weight gradients are formed per example from the captured tensors.
+        # weight gradients are formed per example from the captured tensors,
+        # each layer's as soon as its output gradient exists.
         detached = {k: p.detach() for k, p in self.module.named_parameters()}
-        per_param: dict[nn.Parameter, Tensor] = {}
         with self.capture.recording() as records, torch.enable_grad():
             losses = loss_fn(lambda *a, **kw: functional_call(self.module, detached, a, kw), batch)
-            squared_norms = self._streamed_backward(losses, records, num_examples, per_param)
+            norms = NormsOnTheWay(records, num_examples)
+            stream_output_grads(losses, records, lambda i, g: norms.add(records[i], g))
         grads = {
-            name: per_param[p] if p in per_param else p.new_zeros((num_examples, *p.shape))
+            name: norms.per_param[p] if p in norms.per_param else p.new_zeros((num_examples, *p.shape))
             for name, p in params.items()
         }
-        self.last_norms = squared_norms.sqrt()
+        self.last_norms = norms.squared(losses.device).sqrt()
         return grads, losses.detach()
-
-
-    @staticmethod
-    def _streamed_backward(losses: Tensor, records: list[CapturedCall], num_examples: int,
-                           per_param: dict[nn.Parameter, Tensor]) -> Tensor:
-        """One input-only backward that forms each layer's per-example gradients as soon as its output
-        gradient exists (`stream_output_grads`).
-
-        Returns the per-example squared gradient norms, each parameter's part taken as soon as its
-        last call is in, while its gradients are still in cache (the clipping then need not read
-        all per-example gradients once more for their norms).
-        """
-        calls_left = parameter_uses(records)
-        norm_parts: list[Tensor] = []
-
-        def take(index: int, g: Tensor) -> None:
-            call = records[index]
-            accumulate_layer_grads([call], [g], num_examples, per_param)
-            for p in call.params:
-                calls_left[p] -= 1
-                if calls_left[p] == 0:  # shared layers: the norm of the summed gradient
-                    norm_parts.append(_row_norms(per_param[p].reshape(num_examples, -1)))
-
-        stream_output_grads(losses, records, take)
-        if not norm_parts:
-            return torch.zeros(num_examples, device=losses.device)
-        return torch.stack(norm_parts).square().sum(dim=0)
 
 
 def stream_output_grads(losses: Tensor, records: list[CapturedCall], take: Callable[[int, Tensor], None],
@@ -335,10 +348,9 @@ def stream_output_grads(losses: Tensor, records: list[CapturedCall], take: Calla
             handle.remove()
 
 
-def _row_norms(rows: Tensor) -> Tensor:
+def row_norms(rows: Tensor) -> Tensor:
     """L2 norm of each row, in float32 at least (a bf16 norm could round below the true one)."""
-    low_precision = rows.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32 if low_precision else None).float()
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(rows.dtype, torch.float32))
 
 
 def _empty_grads(params: dict[str, Tensor]) -> dict[str, Tensor]:
