@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoint_report_samples_and_results(trained):
     run_dir, root, result = trained
-    assert "privacy: (" in result.stdout and "by PRV" in result.stdout
+    assert "privacy: epsilon=" in result.stdout and "by PRV" in result.stdout
     report = json.loads((run_dir / "privacy.json").read_text())
     assert report["steps"] == 3 and report["noise_multiplicity"] == 2 and report["dataset_size"] == 1442
     assert 0 < report["epsilon_prv"] <= 5.0 and report["delta"] == 1e-5

@@ -19,5 +19,4 @@ class DPDM(PrivateDiffusion):
         return Coverage(
             released=["EMA denoiser weights (and samples drawn from it)"],
             trained_with_dp=["denoiser (all parameters)"],
-            notes=["every use of private data is inside DP-SGD; samples are post-processing"],
         )
