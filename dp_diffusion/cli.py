@@ -37,7 +37,7 @@ examples:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn mistakes a user can fix into one line on stderr and exit status 2."""
+    """Turn mistakes a user can fix into one line on stderr and exit status 2; Ctrl-C into status 130."""
     from dp_diffusion.config import ConfigError
     from dp_diffusion.data.registry import DatasetNotFoundError
     from dp_diffusion.privacy import PrivacyError
@@ -47,6 +47,9 @@ def user_errors() -> Iterator[None]:
     except (ConfigError, DatasetNotFoundError, PrivacyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # `train` has already said where its checkpoint is and how to resume
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -4,28 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dp_diffusion.build import CONFIG_KEY, build_method
-from dp_diffusion.config import ConfigError, validate_sampling
+from dp_diffusion.checkpoints import CheckpointError, read_checkpoint
+from dp_diffusion.config import validate_sampling
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.sampling import draw_samples, save_samples
 
 
 def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
-    """The trained module stored in `checkpoint` (config, weights and EMA)."""
+    """The trained module stored in `checkpoint` (config, weights and EMA), read without running code from it."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint must be an existing .ckpt file, got {str(path)!r}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if CONFIG_KEY not in state:
-        raise ConfigError(f"checkpoint {str(path)!r} was not written by `dp-diffusion train` (no stored config)")
+    state = read_checkpoint(path)
     cfg = OmegaConf.create(state[CONFIG_KEY])
     info = dataset_info(cfg.data.name)
     module = build_method(cfg, info)
-    module.load_state_dict(state["state_dict"])
+    try:
+        module.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its weights do not fit the model its config describes ({first[:200]})"
+        ) from None
     module.on_load_checkpoint(state)
     module.run_config = cfg  # the training config, e.g. to evaluate against its data set
     return module

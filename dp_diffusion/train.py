@@ -3,9 +3,15 @@ write the privacy report, sample, and evaluate."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shlex
+import signal
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +19,13 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from dp_diffusion.build import CONFIG_KEY, build_method, config_to_dict
+from dp_diffusion.checkpoints import (CHECKPOINT_DIR, INTERRUPTED, SafeCheckpointIO, check_run_dir,
+                                      clear_checkpoints, read_checkpoint)
 from dp_diffusion.config import ConfigError, validate_config, validate_privacy
 from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
@@ -48,6 +57,46 @@ def build_logger(cfg: DictConfig, **overrides: Any) -> Any:
         raise
 
 
+class StopOnInterrupt(Callback):
+    """Ctrl-C stops training after the step in progress; a second Ctrl-C aborts at once.
+
+    Stopping between steps keeps weights, ledger and EMA of the same step in the
+    checkpoint written next. Lightning's own handling of KeyboardInterrupt saves
+    wherever the step was and exits with status 1 from inside `fit`, before a
+    privacy report can be written.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Route SIGINT to this callback for the duration of the block (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: stopping after the current step (Ctrl-C again to abort without a checkpoint)",
+              file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:  # every rank stops at the same step
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self.requested = True
+            trainer.should_stop = True
+
+
 def finish_loggers(trainer: L.Trainer) -> None:
     """Close W&B runs so the next job of a Hydra multirun starts a new one."""
     for logger in trainer.loggers:
@@ -56,9 +105,13 @@ def finish_loggers(trainer: L.Trainer) -> None:
             experiment.finish()
 
 
-def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, Any]) -> L.Trainer:
-    checkpoints = out / "checkpoints"
+def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, Any],
+                  callbacks: list[Callback], checkpoint_io: SafeCheckpointIO) -> L.Trainer:
+    """The private fit's trainer. No OnExceptionCheckpoint: with one, Lightning resumes from the run dir's
+    newest checkpoint when `ckpt_path` is None, and saves mid-step on any exception."""
+    checkpoints = out / CHECKPOINT_DIR
     callbacks = [
+        *callbacks,
         StoreConfig(config),
         ModelCheckpoint(
             dirpath=checkpoints,
@@ -68,7 +121,6 @@ def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, 
             save_last=True,
             save_top_k=1,
         ),
-        OnExceptionCheckpoint(dirpath=checkpoints, filename="interrupted"),
     ]
     return instantiate(
         cfg.trainer,
@@ -77,6 +129,7 @@ def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, 
         default_root_dir=str(out),
         logger=build_logger(cfg),
         callbacks=callbacks,
+        plugins=[checkpoint_io],
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
@@ -87,7 +140,7 @@ def quiet_third_party_noise() -> None:
     # Lightning adds its own console handler; Hydra's root handler would print every line twice.
     logging.getLogger("lightning.pytorch").propagate = False
     for pattern in (".*LeafSpec.*", "Optimal order is the largest alpha", ".*litlogger.*",
-                    ".*does not have many workers.*", ".*ckpt_path.*", ".*not resumable.*",
+                    ".*does not have many workers.*", ".*not resumable.*",
                     ".*Total length of `DataLoader` across ranks is zero.*",
                     # We checkpoint the state after the step: the one the accountant has counted.
                     "Using ModelCheckpoint with manual optimization.*"):
@@ -109,13 +162,24 @@ def build_public_trainer(cfg: DictConfig, out: Path, max_steps: int) -> L.Traine
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run end to end; returns its results record."""
+    """Train one run end to end; returns its results record.
+
+    Everything is validated before the first write into the run directory, so a
+    refused run leaves an existing directory as it was.
+    """
     started = time.time()
     quiet_third_party_noise()
     validate_config(cfg)
     validate_eval(cfg.eval)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.output_dir)
+    overwrite = cfg.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
+    rank_zero = rank_zero_only.rank == 0  # DDP's other ranks share rank 0's run dir
+    if rank_zero:
+        check_run_dir(out, cfg.resume, overwrite)
+    resumed = {} if cfg.resume is None else {str(cfg.resume): read_checkpoint(cfg.resume)}
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     config = config_to_dict(cfg)
     info = dataset_info(cfg.data.name)
 
@@ -127,38 +191,80 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     module = build_method(cfg, info, num_examples)
     module.attach_private_data(datamodule.train_set)
 
+    if rank_zero:  # validated: from here on the run writes into `out`
+        if overwrite and clear_checkpoints(out):
+            log.warning("overwrite=true: removed the checkpoints of an earlier run in %s", out)
+        save_hydra_config(cfg, out)
     if cfg.resume is None:  # on resume, public stages come back with the checkpoint
         module.fit_public_stages(lambda steps, name: build_public_trainer(cfg, out / name, steps))
-    trainer = build_trainer(cfg, out, module.planned_steps, config)
-    trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run
+    interrupt = StopOnInterrupt()
+    trainer = build_trainer(cfg, out, module.planned_steps, config, [interrupt], SafeCheckpointIO(resumed))
+    with interrupt.armed():
+        trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run (nothing resumes unless resume= says so)
     record: dict[str, Any] = {
         "kind": "train",
         "method": cfg.method.name,
         "data": cfg.data.name,
         "epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
         "seed": cfg.seed,
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "overrides": hydra_overrides(),
         "output_dir": str(out),
         "config": config,
     }
     if not trainer.is_global_zero:
         return record
-    final = out / "checkpoints" / "final.ckpt"
+    if interrupt.requested:
+        stop_interrupted(trainer, module, out)
+    final = out / CHECKPOINT_DIR / "final.ckpt"
     trainer.save_checkpoint(final)
+    (out / CHECKPOINT_DIR / INTERRUPTED).unlink(missing_ok=True)  # superseded by this run's own checkpoints
     report = module.privacy_report()
     write_report(report, out / "privacy.json")
     print(summary(report))
     record["privacy"] = {k: v for k, v in report.items() if k != "history"}
     record["checkpoint"] = str(final)
 
-    if trainer.interrupted:
-        print(f"training interrupted; resume with: dp-diffusion train resume={out / 'checkpoints' / 'last.ckpt'}")
-        return record
     record.update(sample_and_evaluate(cfg, module, trainer, out))
     record["wall_time_s"] = round(time.time() - started, 1)
     append_results(record, out / "results.jsonl", cfg.results_file)
     finish_loggers(trainer)
     return record
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def save_hydra_config(cfg: DictConfig, out: Path) -> None:
+    """Write `.hydra/{config,hydra,overrides}.yaml` as Hydra's `output_subdir` would.
+
+    conf/config.yaml turns Hydra's own copy off (it is written before any of our
+    code runs, so a refused run would overwrite the directory's record of the run
+    it belongs to); this writes it once the run is validated.
+    """
+    if not HydraConfig.initialized():
+        return
+    folder = out / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.instance().cfg
+    files = {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    for name, node in files.items():
+        (folder / name).write_text(OmegaConf.to_yaml(node))
+
+
+def stop_interrupted(trainer: L.Trainer, module: Any, out: Path) -> None:
+    """After Ctrl-C: checkpoint, report what was spent, say how to resume; raises KeyboardInterrupt."""
+    checkpoint = out / CHECKPOINT_DIR / INTERRUPTED
+    trainer.save_checkpoint(checkpoint)
+    report = module.privacy_report()
+    write_report(report, out / "privacy.json")
+    print(summary(report))
+    kept = [o for o in hydra_overrides() if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir=", "overwrite="))]
+    command = shlex.join(["dp-diffusion", "train", *kept, f"resume={checkpoint}", f"hydra.run.dir={out}"])
+    print(f"training interrupted after step {trainer.global_step}; checkpoint: {checkpoint}\n"
+          f"privacy report (what was spent): {out / 'privacy.json'}\nresume with: {command}", flush=True)
+    raise KeyboardInterrupt
 
 
 def sample_and_evaluate(cfg: DictConfig, module: Any, trainer: L.Trainer, out: Path) -> dict[str, Any]:
