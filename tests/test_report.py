@@ -40,6 +40,8 @@ def test_headline_is_prv_where_prv_calibrated():
     report = build_report(spec, plan, ledger_after(plan, 50), DPDM_LIKE)
     assert report["epsilon_accountant"] == "prv" and report["epsilon"] == report["epsilon_prv"] <= 2.0
     assert report["epsilon_prv"] < report["epsilon_rdp"]
+    assert report["mechanisms"]["dp_sgd"]["steps"] == 50
+    assert report["mechanisms"]["dp_sgd"]["epsilon_prv"] == pytest.approx(report["epsilon"])
 
 
 def test_non_private_run_claims_no_dp_use():

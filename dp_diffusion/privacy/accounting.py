@@ -26,6 +26,10 @@ PRV_MAX_RELIABLE_EPSILON = 10.0
 PRV_MAX_EPSILON_TRIED = 100.0
 
 
+History = list[tuple[float, float, int]]
+DEFAULT_MECHANISM = "dp_sgd"
+
+
 def _new_accountant(name: str) -> PRVAccountant | RDPAccountant:
     if name == "prv":
         return PRVAccountant()
@@ -112,31 +116,96 @@ def calibrate_noise_multiplier(
     return float(sigma), accountant
 
 
+
+
+def _append_step(history: History, noise_multiplier: float, sample_rate: float) -> None:
+    """One more step, merged into the last entry when (sigma, q) repeats (as Opacus's accountants do)."""
+    if history and history[-1][:2] == (noise_multiplier, sample_rate):
+        history[-1] = (noise_multiplier, sample_rate, history[-1][2] + 1)
+    else:
+        history.append((noise_multiplier, sample_rate, 1))
+
+
+def calibrate_after(
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: History,
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+) -> tuple[float, str]:
+    """Smallest sigma (within tolerance) such that `prior` composed with `steps` new steps at rate
+    `sample_rate` stays <= `epsilon`. Returns (sigma, accountant actually used).
+
+    Written by hand: Opacus's `get_noise_multiplier` knows no prior history. The same bisection on sigma,
+    over the composed history, with the same PRV-to-RDP fallback as `calibrate_noise_multiplier`.
+    """
+    if not prior:
+        return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant, epsilon_tolerance)
+    spent, used = headline_epsilon(prior, delta, accountant)
+    if spent >= epsilon:
+        raise ValueError(f"the mechanisms already recorded spent epsilon={spent:.4g} (by {used.upper()}), "
+                         f"nothing is left of the target {epsilon:g}")
+
+    def composed(sigma: float) -> tuple[float, str]:
+        return headline_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while composed(high)[0] > epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon={epsilon:g} after the recorded mechanisms")
+    while True:
+        sigma = (low + high) / 2
+        eps, used = composed(sigma)
+        if eps > epsilon:
+            low = sigma
+        elif epsilon - eps <= epsilon_tolerance or high - low < 1e-6:
+            break
+        else:
+            high = sigma
+    eps, used = composed(high)
+    return float(high), used
+
+
 @dataclass
 class PrivacyLedger:
-    """Every DP step actually taken, with epsilon by PRV and by RDP.
+    """Every DP step actually taken, by every mechanism of the run, with the composed epsilon by PRV and RDP.
 
-    Serialises with the checkpoint so a resumed run continues the same history.
+    Each private mechanism (a DP teacher's history read from its checkpoint, a student's steps, a critic's)
+    keeps its own (sigma, q, steps) history under a name; epsilon is that of their composition (both
+    accountants compose heterogeneous Poisson-subsampled Gaussian steps). Serialises with the checkpoint
+    so a resumed run continues the same histories.
     """
 
     delta: float
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
-        self._accountants = {name: _new_accountant(name) for name in ACCOUNTANTS}
+        self.mechanisms: dict[str, History] = {}
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        """(noise_multiplier, sample_rate, steps) runs, merged like Opacus does."""
-        return list(self._accountants["rdp"].history)
+    def history(self) -> History:
+        """Every mechanism's (noise_multiplier, sample_rate, steps) runs, in the order mechanisms first stepped."""
+        return [entry for history in self.mechanisms.values() for entry in history]
 
     @property
     def steps(self) -> int:
+        """Steps of all mechanisms together."""
         return sum(n for _, _, n in self.history)
 
-    def step(self, noise_multiplier: float, sample_rate: float) -> None:
-        for acc in self._accountants.values():
-            acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    def steps_of(self, mechanism: str) -> int:
+        return sum(n for _, _, n in self.mechanisms.get(mechanism, []))
+
+    def step(self, noise_multiplier: float, sample_rate: float, mechanism: str = DEFAULT_MECHANISM) -> None:
+        _append_step(self.mechanisms.setdefault(mechanism, []), float(noise_multiplier), float(sample_rate))
+
+    def record(self, mechanism: str, history: History) -> None:
+        """Add a mechanism's whole history at once (e.g. a DP teacher's, read from its checkpoint)."""
+        if mechanism in self.mechanisms:
+            raise ValueError(f"the ledger already holds a mechanism named {mechanism!r}")
+        self.mechanisms[mechanism] = [(float(s), float(q), int(n)) for s, q, n in history]
 
     def epsilon(self, accountant: str | None = None) -> float:
         """Epsilon spent so far. With no argument: the headline value (the primary accountant's, or RDP's
@@ -154,18 +223,32 @@ class PrivacyLedger:
     def epsilons(self) -> dict[str, float]:
         return {name: self.epsilon(name) for name in ACCOUNTANTS}
 
-    def epsilon_after_next(self, noise_multiplier: float, sample_rate: float) -> float:
-        """Epsilon (primary accountant) if one more step were taken."""
-        probe = _new_accountant("rdp")
-        probe.history = self.history
-        probe.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-        return headline_epsilon(probe.history, self.delta, self.accountant)[0]
+    def shares(self) -> dict[str, dict[str, Any]]:
+        """Each mechanism alone: its history, steps and epsilon by both accountants (they do not add up:
+        the composed epsilon is less than the sum)."""
+        return {
+            name: {
+                "history": list(history),
+                "steps": sum(n for _, _, n in history),
+                **{f"epsilon_{acc}": _history_epsilon(history, self.delta, acc) for acc in ACCOUNTANTS},
+            }
+            for name, history in self.mechanisms.items()
+        }
+
+    def epsilon_after_next(self, noise_multiplier: float, sample_rate: float,
+                           mechanism: str = DEFAULT_MECHANISM) -> float:
+        """Headline epsilon if `mechanism` took one more step."""
+        probe = {name: list(history) for name, history in self.mechanisms.items()}
+        _append_step(probe.setdefault(mechanism, []), float(noise_multiplier), float(sample_rate))
+        return headline_epsilon([e for h in probe.values() for e in h], self.delta, self.accountant)[0]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"delta": self.delta, "accountant": self.accountant, "history": self.history}
+        return {"delta": self.delta, "accountant": self.accountant, "history": self.history,
+                "mechanisms": {name: list(history) for name, history in self.mechanisms.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.delta = state["delta"]
         self.accountant = state["accountant"]
-        for acc in self._accountants.values():
-            acc.history = [tuple(entry) for entry in state["history"]]
+        # Checkpoints written before mechanisms were named hold one history: the run's DP-SGD.
+        mechanisms = state.get("mechanisms") or ({DEFAULT_MECHANISM: state["history"]} if state["history"] else {})
+        self.mechanisms = {name: [tuple(entry) for entry in history] for name, history in mechanisms.items()}

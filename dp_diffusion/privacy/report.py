@@ -94,6 +94,7 @@ def build_report(
         "seeds_secret": spec.enabled and not getattr(spec, "reproducible", False),
         "secure_mode": spec.secure_mode,
         "history": ledger.history,
+        "mechanisms": ledger.shares() if spec.enabled else {},
         "treated_as_public": public,
         "covers": {**asdict(coverage), "notes": notes},
         "evaluation": [],
