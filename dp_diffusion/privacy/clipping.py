@@ -13,15 +13,29 @@
    (273 on the DPDM UNet: 75,000 `hasattr` calls per step; noise + scaling
    took 17.6 ms, now 9.9). It is evaluated once here, with the same value and checks.
 
-Noise, accounting and everything else are Opacus's.
+3. The noise comes from the run's `randomness.NoiseStream` (`SourcedNoise`),
+   not from torch's global generator: for every optimizer, including ghost
+   mode's fast-gradient-clipping ones, and in secure mode, whose
+   cryptographically secure draws Opacus can only make with torchcsprng.
+
+Accounting and everything else are Opacus's.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor
+
+from dp_diffusion.privacy.randomness import NoiseStream
 
 
 def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
@@ -59,9 +73,45 @@ class StreamlinedClipping:
                 p.grad /= divisor
 
 
-class StreamlinedDPOptimizer(StreamlinedClipping, DPOptimizer):
+class SourcedNoise:
+    """Mixin for an Opacus DP optimizer: `add_noise` draws N(0, (sigma*C)^2) from `self.noise`.
+
+    As Opacus's distributed optimizers, only rank 0 adds noise (the sum is
+    all-reduced afterwards); the other ranks advance their stream count too.
+    `noise=None`: torch's global generator, as Opacus without a generator (tests, benchmarks).
+    """
+
+    def __init__(self, *args: Any, noise: NoiseStream | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise = noise if noise is not None else NoiseStream(None)
+
+    def add_noise(self) -> None:
+        params = self.params  # type: ignore[attr-defined]
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        if getattr(self, "rank", 0) == 0:
+            std = self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
+            noise = self.noise.draw_step(std, [p.summed_grad for p in params])
+        else:
+            self.noise.skip_step()
+            noise = [None] * len(params)
+        for p, n in zip(params, noise):
+            p.grad = (p.summed_grad if n is None else p.summed_grad + n).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class StreamlinedDPOptimizer(SourcedNoise, StreamlinedClipping, DPOptimizer):
     """`DPOptimizer` that can clip with norms the gradient engine took."""
 
 
-class StreamlinedDistributedDPOptimizer(StreamlinedClipping, DistributedDPOptimizer):
+class StreamlinedDistributedDPOptimizer(SourcedNoise, StreamlinedClipping, DistributedDPOptimizer):
     """`DistributedDPOptimizer` that can clip with norms the gradient engine took."""
+
+
+class SourcedDPOptimizerFastGradientClipping(SourcedNoise, DPOptimizerFastGradientClipping):
+    """Ghost mode's `DPOptimizerFastGradientClipping` (noise, scale, account) with the run's noise."""
+
+
+class SourcedDistributedDPOptimizerFastGradientClipping(SourcedNoise, DistributedDPOptimizerFastGradientClipping):
+    """Ghost mode's `DistributedDPOptimizerFastGradientClipping` with the run's noise."""
+

@@ -24,13 +24,17 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
 from dp_diffusion.privacy.accounting import PrivacyLedger
-from dp_diffusion.privacy.clipping import StreamlinedDistributedDPOptimizer, StreamlinedDPOptimizer
+from dp_diffusion.privacy.clipping import (
+    SourcedDistributedDPOptimizerFastGradientClipping,
+    SourcedDPOptimizerFastGradientClipping,
+    StreamlinedDistributedDPOptimizer,
+    StreamlinedDPOptimizer,
+)
 from dp_diffusion.privacy.ghost import GhostClipping
 from dp_diffusion.privacy.per_example import (
     PerExampleLoss,
@@ -38,6 +42,7 @@ from dp_diffusion.privacy.per_example import (
     make_per_example_gradients,
     trainable_parameters,
 )
+from dp_diffusion.privacy.randomness import NoiseStream, PrivacyRandomness
 from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec
 
 
@@ -67,7 +72,12 @@ class PrivateOptimization:
         plan: PrivacyPlan,
         ledger: PrivacyLedger,
         physical_batch_size: int,
+        noise: NoiseStream | None = None,
     ) -> None:
+        """`noise`: the run's noise stream (`PrivateTrainingModule` passes it); None: torch's global
+        generator, or OS entropy with `spec.secure_mode` (for tests and benchmarks)."""
+        if noise is None and spec.secure_mode:
+            noise = NoiseStream(PrivacyRandomness("secure"))
         self.module = module
         self.spec = spec
         self.plan = plan
@@ -80,8 +90,8 @@ class PrivateOptimization:
         if spec.enabled:
             if spec.grad_mode == "ghost":
                 # Clipping happens in GhostClipping; these optimizers only noise, scale and account.
-                optimizer_cls = (DistributedDPOptimizerFastGradientClipping if self.distributed
-                                 else DPOptimizerFastGradientClipping)
+                optimizer_cls = (SourcedDistributedDPOptimizerFastGradientClipping if self.distributed
+                                 else SourcedDPOptimizerFastGradientClipping)
             else:
                 optimizer_cls = StreamlinedDistributedDPOptimizer if self.distributed else StreamlinedDPOptimizer
             self.optimizer: Optimizer = optimizer_cls(
@@ -91,7 +101,7 @@ class PrivateOptimization:
                 # Per rank; DistributedDPOptimizer divides by world size again.
                 expected_batch_size=max(1, round(plan.expected_batch_size / self.world_size)),
                 loss_reduction="mean",
-                secure_mode=spec.secure_mode,
+                noise=noise,
             )
             self.optimizer.attach_step_hook(self._account)
             if spec.grad_mode == "ghost":

@@ -6,6 +6,11 @@ batch gets its random draws (`prepare_batch`), its per-example loss, and what
 the guarantee covers. Poisson sampling, calibration, per-example gradients,
 clipping, noise, accounting, the budget guard and checkpointing of the privacy
 state all happen here.
+
+Resuming continues every random stream a step draws from: the Poisson masks
+and the noise (`randomness.PrivacyRandomness`, counted in rounds and noise
+steps) and torch's global CPU/CUDA generators (the diffusion draws), and it
+refuses a run whose privacy settings differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
@@ -22,13 +28,54 @@ from torch.utils.data import DataLoader, Dataset
 from dp_diffusion.privacy.accounting import PrivacyLedger, epsilon_for
 from dp_diffusion.privacy.engine import PrivateOptimization
 from dp_diffusion.privacy.per_example import trainable_parameters
+from dp_diffusion.privacy.randomness import NoiseStream, PrivacyRandomness
 from dp_diffusion.privacy.report import Coverage, build_report
 from dp_diffusion.privacy.sampling import poisson_loader
 from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec, make_plan
-from dp_diffusion.privacy.validation import check_no_batch_mixing
+from dp_diffusion.privacy.validation import PrivacyError, check_no_batch_mixing
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "dp_diffusion_privacy"
+# What a resumed run must share with its checkpoint, and the config key each one comes from.
+RESUME_SETTINGS = {
+    "enabled": "privacy.enabled",
+    "epsilon": "privacy.epsilon",
+    "delta": "privacy.delta",
+    "max_grad_norm": "privacy.max_grad_norm",
+    "noise_multiplicity": "privacy.noise_multiplicity",
+    "batch_size": "train.batch_size",
+    "num_examples": "N (training examples)",
+    "accountant": "privacy.accountant",
+    "noise_multiplier": "privacy.noise_multiplier",
+    "reproducible": "privacy.reproducible",
+    "secure_mode": "privacy.secure_mode",
+}
+
+
+def resume_settings(spec: dict[str, Any], batch_size: float | None, num_examples: int | None) -> dict[str, Any]:
+    """The settings a resume compares (`RESUME_SETTINGS`), from a spec's fields and the batch/data sizes."""
+    values = {**spec, "batch_size": batch_size, "num_examples": num_examples}
+    return {key: values.get(key, False if key in ("reproducible", "secure_mode") else None)
+            for key in RESUME_SETTINGS}
+
+
+def check_resume_settings(stored: dict[str, Any], given: dict[str, Any]) -> None:
+    """Raise PrivacyError, in one line naming each differing key, unless the run asks what the checkpoint used.
+
+    Planned steps may differ: the budget guard stops a run that asks for more.
+    A key unknown on either side (None) is not compared.
+    """
+
+    def text(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    differing = [key for key in RESUME_SETTINGS
+                 if stored.get(key) is not None and given.get(key) is not None and stored[key] != given[key]]
+    if differing:
+        was = ", ".join(f"{RESUME_SETTINGS[k]}={text(stored[k])}" for k in differing)
+        asks = ", ".join(f"{RESUME_SETTINGS[k]}={text(given[k])}" for k in differing)
+        raise PrivacyError(f"resume: checkpoint was trained with {was}; this run asks {asks}: "
+                           "resume with the same privacy settings or start a new run")
 
 
 def max_steps_within_budget(plan: PrivacyPlan, spec: PrivacySpec) -> int:
@@ -51,7 +98,15 @@ def max_steps_within_budget(plan: PrivacyPlan, spec: PrivacySpec) -> int:
 
 
 class PrivateTrainingModule(L.LightningModule):
-    """Manual-optimization LightningModule whose private gradients go through the privacy core."""
+    """Manual-optimization LightningModule whose private gradients go through the privacy core.
+
+    `keep_privacy_rng_in_checkpoint`: set it to False before writing a checkpoint
+    to release (e.g. `final.ckpt`): the secret the masks and the noise are
+    derived from is then left out (with it, anyone could regenerate past noise).
+    A run resumed from such a checkpoint draws fresh entropy and logs that it did.
+    """
+
+    keep_privacy_rng_in_checkpoint: bool = True
 
     def __init__(
         self,
@@ -76,6 +131,12 @@ class PrivateTrainingModule(L.LightningModule):
         self.ledger = PrivacyLedger(delta=privacy.delta, accountant=privacy.accountant)
         self.stopped_by_budget = False
         self._engine: PrivateOptimization | None = None
+        # Privacy randomness: made when training starts (or restored from a checkpoint), never logged.
+        self.randomness: PrivacyRandomness | None = None
+        self.noise = NoiseStream(None)
+        self.rounds_taken = 0  # Poisson rounds handed to training_step: the mask stream's counter
+        self._stored_randomness: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
 
     # ---- what a method provides -------------------------------------------------
     def private_module(self) -> nn.Module:
@@ -120,20 +181,44 @@ class PrivateTrainingModule(L.LightningModule):
             self.allowed_steps = max_steps_within_budget(self.plan, spec) if spec.enabled else self.plan.steps
         return self.plan
 
+    def ensure_randomness(self) -> PrivacyRandomness:
+        """The run's privacy randomness: restored from the checkpoint, or fresh (all ranks must call this)."""
+        if self.randomness is None:
+            spec = self.privacy_spec
+            self.randomness = PrivacyRandomness.for_run(spec.secure_mode, spec.reproducible, self.seed)
+            if self._stored_randomness is not None:
+                self._restore_randomness(self._stored_randomness)
+            self.randomness.share_from_rank0()
+            self.noise.source = self.randomness
+        return self.randomness
+
+    def _restore_randomness(self, state: dict[str, Any]) -> None:
+        self.rounds_taken = state["rounds_taken"]
+        self.noise.steps_drawn = state["noise_steps"]
+        if self.randomness is None:
+            return  # restored by ensure_randomness
+        if state.get("secret") is not None:
+            self.randomness.load_state_dict(state)
+        elif self.randomness.kind == "entropy":
+            log.warning("resume: the checkpoint holds no privacy generator state (a released checkpoint); "
+                        "the Poisson masks and the noise continue from fresh OS entropy")
+
     def configure_optimizers(self) -> Optimizer:
         plan = self.ensure_plan()
+        self.ensure_randomness()
         module = self.private_module()
         if self.privacy_spec.enabled:
             check_no_batch_mixing(module)
         base = self.build_optimizer(list(trainable_parameters(module).values()))
         self._engine = PrivateOptimization(
-            module, base, self.privacy_spec, plan, self.ledger, self.physical_batch_size
+            module, base, self.privacy_spec, plan, self.ledger, self.physical_batch_size, noise=self.noise
         )
         return self._engine.optimizer
 
     def train_dataloader(self) -> DataLoader:
         plan = self.ensure_plan()
-        return poisson_loader(self.train_set, plan.sample_rate, self.seed, self.num_workers)
+        return poisson_loader(self.train_set, plan.sample_rate, self.ensure_randomness(),
+                              start_round=self.rounds_taken, num_workers=self.num_workers)
 
     def on_train_start(self) -> None:
         # Gradients are all-reduced by the DP optimizer after clipping and noise,
@@ -146,6 +231,12 @@ class PrivateTrainingModule(L.LightningModule):
         return self.privacy_spec.enabled and self.ledger.steps >= (self.allowed_steps or 0)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.rounds_taken += 1
+        if self._pending_rng is not None:
+            # Restored here, not on load: between load and the first step Lightning
+            # builds the loader and prefetches, which must not shift the stream.
+            restore_global_rng(self._pending_rng)
+            self._pending_rng = None
         if self.budget_exhausted():
             if not self.stopped_by_budget:
                 log.warning(
@@ -173,20 +264,69 @@ class PrivateTrainingModule(L.LightningModule):
             "allowed_steps": self.allowed_steps,
             "ledger": self.ledger.state_dict(),
             "stopped_by_budget": self.stopped_by_budget,
+            "settings": self.resume_settings(),
+            "randomness": self._randomness_state(),
+            "global_rng": global_rng_state(),
         }
+
+    def resume_settings(self) -> dict[str, Any]:
+        """This run's values of the settings a resume must share (`RESUME_SETTINGS`)."""
+        num_examples = len(self.train_set) if self.train_set is not None else None
+        return resume_settings(asdict(self.privacy_spec), self.batch_size, num_examples)
+
+    def _randomness_state(self) -> dict[str, Any]:
+        """Counters always; the secret only if kept, and never for secure mode (nothing to store)."""
+        randomness = self.randomness  # None before training starts: nothing drawn yet
+        keep = randomness is not None and randomness.checkpointable and self.keep_privacy_rng_in_checkpoint
+        return {"kind": randomness.kind if randomness else None, "secret": randomness.secret if keep else None,
+                "rounds_taken": self.rounds_taken, "noise_steps": self.noise.steps_drawn}
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Raise PrivacyError if `checkpoint`'s privacy settings differ from this run's (see `check_resume_settings`).
+
+        Lightning calls it on load; a caller may call it on a loaded checkpoint before `fit` to fail earlier.
+        """
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        plan = state.get("plan") or {}
+        stored = state.get("settings") or resume_settings(
+            state["spec"], plan.get("expected_batch_size"), plan.get("num_examples"))
+        check_resume_settings(stored, self.resume_settings())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             return
+        self.check_resume(checkpoint)
         # sigma is calibrated once and stored: a resumed run keeps it.
         self.plan = PrivacyPlan(**state["plan"]) if state["plan"] else None
         self.allowed_steps = state["allowed_steps"]
         self.ledger.load_state_dict(state["ledger"])
         self.stopped_by_budget = state["stopped_by_budget"]
+        if "randomness" in state:
+            self._stored_randomness = state["randomness"]
+            self._restore_randomness(state["randomness"])
+        self._pending_rng = state.get("global_rng")
 
     def privacy_report(self) -> dict[str, Any]:
         return build_report(
             self.privacy_spec, self.ensure_plan(), self.ledger, self.privacy_coverage(), self.stopped_by_budget
         )
 
+
+
+def global_rng_state() -> dict[str, Any]:
+    """torch's global CPU (and, if initialised, CUDA) generator states: the step's other draws."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_global_rng(state: dict[str, Any]) -> None:
+    """Continue the global generators from `global_rng_state()` (CUDA only on as many devices as stored)."""
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -23,6 +23,7 @@ class PrivacySpec:
     noise_multiplier: float | None = None
     secure_mode: bool = False
     log_private_loss: bool = False
+    reproducible: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PrivacySpec":
