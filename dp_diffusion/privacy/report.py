@@ -94,11 +94,16 @@ def build_report(
         "seeds_secret": spec.enabled and not getattr(spec, "reproducible", False),
         "secure_mode": spec.secure_mode,
         "history": ledger.history,
-        "mechanisms": ledger.shares() if spec.enabled else {},
+        "mechanisms": _mechanisms(ledger) if spec.enabled else {},
         "treated_as_public": public,
         "covers": {**asdict(coverage), "notes": notes},
         "evaluation": [],
     }
+
+
+def _mechanisms(ledger: PrivacyLedger) -> dict[str, dict[str, Any]]:
+    return {name: {key: _finite_or_none(value) if isinstance(value, float) else value for key, value in share.items()}
+            for name, share in ledger.shares().items()}
 
 
 def _finite_or_none(value: float) -> float | None:
