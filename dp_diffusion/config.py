@@ -41,6 +41,12 @@ def validate_privacy(privacy: DictConfig, num_examples: int) -> None:
     k = privacy.noise_multiplicity
     _require(_is_int(k) and k >= 1, "privacy.noise_multiplicity", k, "an integer >= 1")
     _require(privacy.grad_mode in GRAD_MODES, "privacy.grad_mode", privacy.grad_mode, f"one of {GRAD_MODES}")
+    for key in ("secure_mode", "reproducible"):
+        value = privacy.get(key, False)
+        _require(isinstance(value, bool), f"privacy.{key}", value, "true or false")
+    if privacy.get("secure_mode", False) and privacy.get("reproducible", False):
+        raise ConfigError("privacy.reproducible=true seeds the noise from the config's seed and "
+                          "privacy.secure_mode=true draws it from the OS: set at most one of them")
     if not privacy.enabled:
         return
     eps = privacy.epsilon
