@@ -134,7 +134,7 @@ def test_output_gradients_are_handed_over_once_each_and_not_held(parameters_need
         alive_at_take.append(sum(ref() is not None for _, ref in taken))
         taken.append((index, weakref.ref(g)))
 
-    with capture.recording() as records, torch.enable_grad():
+    with capture.recording(3) as records, torch.enable_grad():
         x = torch.randn(3, 4)
         out = model(x) if parameters_need_grad else torch.func.functional_call(model, detached, (x,))
         stream_output_grads(out.pow(2).sum(1), records, take)

@@ -161,3 +161,83 @@ def tiny_unet_case(num_examples: int, noise_multiplicity: int):
         return loss(model, b[0], b[1], b[2])
 
     return loss.precondition(net), loss_fn, (images, labels, draw)
+
+
+class WeightUsedOutsideItsCall(nn.Module):
+    """A Linear layer whose weight is also used outside its own call (`F.linear(x, layer.weight)`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x)) + torch.nn.functional.linear(x, self.lin.weight)).squeeze(-1)
+
+
+class WeightWithoutLayerCall(nn.Module):
+    """A Linear layer that is never called: its parameters are used only through `F.linear`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(torch.nn.functional.linear(x, self.lin.weight, self.lin.bias))
+        return self.head(h).squeeze(-1)
+
+
+class WeightNormed(nn.Module):
+    """A weight-normalised Linear layer: `parametrizations.weight_norm`, or the old `weight_norm`."""
+
+    def __init__(self, old_style: bool = False) -> None:
+        super().__init__()
+        norm = torch.nn.utils.weight_norm if old_style else torch.nn.utils.parametrizations.weight_norm
+        self.lin = norm(nn.Linear(4, 4))
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x))).squeeze(-1)
+
+
+class SequenceFirst(nn.Module):
+    """Takes (B, T, D) and runs its Linear layers on the sequence-first (T, B, D) view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x.transpose(0, 1)))
+        return self.head(h).transpose(0, 1).mean(dim=(1, 2))
+
+
+class RunningStatistics(nn.Module):
+    """A conv net with an InstanceNorm that tracks running statistics (updated from the batch in training)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4, track_running_stats=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.conv(x))).mean(dim=(2, 3))).squeeze(-1)
+
+
+def squared_output_loss(model, batch):
+    """Per-example loss 10 * model(x)^2 (large enough that C = 1 clips)."""
+    (x,) = batch
+    return 10 * model(x) ** 2
+
+
+def odd_model_case(model_cls: type[nn.Module], num_examples: int = 4, *args):
+    """(float64 `model_cls(*args)`, `squared_output_loss`, a batch of `num_examples`): inputs (B, 4), or
+    (B, 4, 4) for `SequenceFirst`, (B, 1, 5, 5) for `RunningStatistics`."""
+    torch.manual_seed(0)
+    model = model_cls(*args).double()
+    shape = {SequenceFirst: (4, 4), RunningStatistics: (1, 5, 5)}.get(model_cls, (4,))
+    x = 3 * torch.randn(num_examples, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return model, squared_output_loss, (x,)

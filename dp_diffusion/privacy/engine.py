@@ -43,6 +43,7 @@ from dp_diffusion.privacy.per_example import (
     trainable_parameters,
 )
 from dp_diffusion.privacy.randomness import NoiseStream, PrivacyRandomness
+from dp_diffusion.privacy.self_check import first_step_check
 from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec
 
 
@@ -87,6 +88,7 @@ class PrivateOptimization:
         self.distributed = is_distributed()
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.ghost: GhostClipping | None = None
+        self.first_step_checked = not spec.enabled  # see `step`
         if spec.enabled:
             if spec.grad_mode == "ghost":
                 # Clipping happens in GhostClipping; these optimizers only noise, scale and account.
@@ -126,6 +128,8 @@ class PrivateOptimization:
         update, and the private loss only if `spec.log_private_loss`.
         """
         optimizer_step = optimizer_step or self.optimizer.step
+        if not self.first_step_checked:  # once: refuse a model the gradient mode gets wrong (self_check.py)
+            self.first_step_checked = first_step_check(self, loss_fn, batch)
         chunks = split_batch(batch, self.physical_batch_size)
         if self.ghost is not None:
             loss_sum = self._ghost_chunks(loss_fn, chunks)

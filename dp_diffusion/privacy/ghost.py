@@ -105,7 +105,7 @@ class GhostClipping:
         if num_examples == 0:
             return torch.zeros(0), torch.zeros(0)
         params = list(trainable_parameters(self.module).values())
-        with self.capture.recording() as calls, torch.enable_grad():
+        with self.capture.recording(num_examples) as calls, torch.enable_grad():
             losses = loss_fn(self.module, batch)
             # Materialised norm parts free each layer's per-example gradients once its norm is in.
             layer_norms = NormsOnTheWay(calls, num_examples, keep=False)

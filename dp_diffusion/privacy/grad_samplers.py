@@ -188,10 +188,22 @@ GRAD_SAMPLERS: dict[type[nn.Module], GradSampler] = {
 }
 
 
+def unsupported_parameters(module: nn.Module) -> list[str]:
+    """Names of trainable parameters that are not a plain `weight` or `bias` of a layer type with a sampler here.
+
+    A parametrised layer (`torch.nn.utils.parametrizations.weight_norm`, or the old `weight_norm`'s
+    `weight_g`/`weight_v`, from which a forward pre-hook computes `weight`) is refused: its sampler would
+    give the gradient of the computed `weight`, not of the parameters the optimizer updates.
+    """
+    names = []
+    for layer_name, layer in module.named_modules():
+        plain = type(layer) in GRAD_SAMPLERS
+        for name, p in layer.named_parameters(recurse=False):
+            if p.requires_grad and not (plain and any(getattr(layer, attr, None) is p for attr in ("weight", "bias"))):
+                names.append(f"{layer_name}.{name}" if layer_name else name)
+    return names
+
+
 def supports(module: nn.Module) -> bool:
-    """Whether every trainable parameter sits directly in a layer type with a sampler here."""
-    for layer in module.modules():
-        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-        if own and type(layer) not in GRAD_SAMPLERS:
-            return False
-    return True
+    """Whether every trainable parameter is a plain weight or bias of a layer type with a sampler here."""
+    return not unsupported_parameters(module)

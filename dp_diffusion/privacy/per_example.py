@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS, supports
+from dp_diffusion.privacy.grad_samplers import GRAD_SAMPLERS, supports, unsupported_parameters
+from dp_diffusion.privacy.validation import PrivacyError
 
 PerExampleLoss = Callable[[Callable[..., Tensor], Any], Tensor]
 # Modes that form per-example gradients (`make_per_example_gradients`); "ghost"
@@ -147,46 +148,75 @@ class CapturedCall(NamedTuple):
 
 
 def check_hookable(module: nn.Module, mode: str) -> None:
-    """Raise a one-line ValueError unless layer hooks see every trainable parameter of `module`."""
-    if not supports(module):
-        raise ValueError(
+    """Raise a one-line PrivacyError unless layer hooks see every trainable parameter of `module`.
+
+    (Uses of a seen parameter outside its layer's call are caught at the first step: `self_check.py`.)
+    """
+    unseen = unsupported_parameters(module)
+    if unseen:
+        more = f" and {len(unseen) - 3} more" if len(unseen) > 3 else ""
+        raise PrivacyError(
             f"privacy.grad_mode={mode} supports only Linear, Conv2d, GroupNorm and Embedding "
-            "parameters; use grad_mode=functorch for this model"
+            f"parameters (plain weight and bias, no parametrization such as weight_norm), not "
+            f"{', '.join(unseen[:3])}{more}; use grad_mode=functorch for this model"
         )
     compiled_in_place = any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or compiled_in_place:
-        raise ValueError(f"privacy.grad_mode={mode} cannot see inside a torch.compile'd module; "
-                         "use grad_mode=functorch or compile only for sampling")
+        raise PrivacyError(f"privacy.grad_mode={mode} cannot see inside a torch.compile'd module; "
+                           "use grad_mode=functorch or compile only for sampling")
 
 
 class LayerCapture:
     """Forward hooks on every supported layer of `module` with trainable parameters.
 
-    Inactive (a no-op) except inside `recording()`, which yields the list the
+    Inactive (a no-op) except inside `recording(num_examples)`, which yields the list the
     layer calls of that forward are appended to, in call order.
+
+    Every sampler reads the rows of a call's input as B examples times K draws, example-major. A call
+    whose input does not have the same B*K leading rows as the first call's (a multiple of B) is refused
+    (e.g. a sequence-first Linear: its leading dim is positions). Rows that have the right count but
+    are not example-major cannot be seen here; the first step's check (`self_check.py`) catches those.
     """
 
     def __init__(self, module: nn.Module) -> None:
         self._records: list[CapturedCall] | None = None
+        self._num_examples = 0
         # Looked up once here, not on every call: the backward hooks run ~140 times per step.
         self._params: dict[nn.Module, tuple[nn.Parameter, ...]] = {}
-        for layer in module.modules():
+        self._names: dict[nn.Module, str] = {}
+        for name, layer in module.named_modules():
             params = tuple(p for p in layer.parameters(recurse=False) if p.requires_grad)
             if type(layer) in GRAD_SAMPLERS and params:
                 self._params[layer] = params
+                self._names[layer] = name or type(layer).__name__
                 layer.register_forward_hook(self._capture)
 
     @contextmanager
-    def recording(self) -> Iterator[list[CapturedCall]]:
+    def recording(self, num_examples: int) -> Iterator[list[CapturedCall]]:
+        """Record the layer calls of a forward over `num_examples` examples."""
         self._records = records = []
+        self._num_examples = num_examples
         try:
             yield records
         finally:
             self._records = None
 
+    def _check_rows(self, layer: nn.Module, rows: int) -> None:
+        """Raise PrivacyError unless `rows` is the B*K leading rows every call of this forward has."""
+        expected = self._records[0].activations.shape[0] if self._records else rows
+        if rows != expected or rows == 0 or rows % self._num_examples:
+            first = f"the first hooked layer, {self._names[self._records[0].layer]}, got {expected}" \
+                if self._records else f"B={self._num_examples}"
+            raise PrivacyError(
+                f"per-example gradients: layer {self._names[layer]} ({type(layer).__name__}) got an input with "
+                f"{rows} leading rows, expected B*K example-major rows ({first}); a sequence-first or "
+                "unbatched input mixes examples: use privacy.grad_mode=functorch or make its input batch-first"
+            )
+
     def _capture(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if self._records is None:
             return None
+        self._check_rows(layer, inputs[0].shape[0] if inputs[0].dim() else 0)
         if not output.requires_grad:
             # Nothing upstream needs a gradient (first layer, label embedding):
             # make the output a leaf so its gradient can be asked for.
@@ -287,7 +317,7 @@ class GroupedGradients:
         # weight gradients are formed per example from the captured tensors,
         # each layer's as soon as its output gradient exists.
         detached = {k: p.detach() for k, p in self.module.named_parameters()}
-        with self.capture.recording() as records, torch.enable_grad():
+        with self.capture.recording(num_examples) as records, torch.enable_grad():
             losses = loss_fn(lambda *a, **kw: functional_call(self.module, detached, a, kw), batch)
             norms = NormsOnTheWay(records, num_examples)
             stream_output_grads(losses, records, lambda i, g: norms.add(records[i], g))
