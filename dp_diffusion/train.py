@@ -142,6 +142,8 @@ def quiet_third_party_noise() -> None:
     for pattern in (".*LeafSpec.*", "Optimal order is the largest alpha", ".*litlogger.*",
                     ".*does not have many workers.*", ".*not resumable.*",
                     ".*Total length of `DataLoader` across ranks is zero.*",
+                    # check_run_dir decides whether a run dir that holds checkpoints may be used.
+                    ".*exists and is not empty.*",
                     # We checkpoint the state after the step: the one the accountant has counted.
                     "Using ModelCheckpoint with manual optimization.*"):
         warnings.filterwarnings("ignore", message=pattern)
