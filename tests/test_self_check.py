@@ -173,3 +173,14 @@ def test_check_runs_until_a_batch_has_two_examples():
     assert not engine.first_step_checked
     with pytest.raises(PrivacyError):
         engine.step(loss_fn, batch)
+
+
+@pytest.mark.parametrize("mode", HOOK_MODES)
+def test_dropout_does_not_make_the_check_refuse(mode):
+    """The two sides of the comparison would draw different dropout masks: the check runs with dropout off."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 1), nn.Flatten(0)).double()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    engine = engine_for(model, mode)
+    engine.step(lambda m, b: m(b[0]) ** 2, (x,))
+    assert engine.first_step_checked and model[1].training
