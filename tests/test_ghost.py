@@ -237,3 +237,13 @@ def test_config_accepts_grad_mode_ghost():
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         validate_config(compose("config", overrides=["privacy.grad_mode=ghost"]))
+
+
+def test_ghost_hooks_refuse_inputs_without_b_times_k_leading_rows():
+    from toy_models import SequenceFirst, odd_model_case
+
+    from dp_diffusion.privacy import PrivacyError
+
+    model, loss_fn, batch = odd_model_case(SequenceFirst, num_examples=3)  # T = 4 rows, B = 3
+    with pytest.raises(PrivacyError, match=r"layer lin \(Linear\) got an input with 4 leading rows"):
+        GhostClipping(model, 1.0)(loss_fn, batch)

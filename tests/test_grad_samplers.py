@@ -141,3 +141,27 @@ def test_output_gradients_are_handed_over_once_each_and_not_held(parameters_need
     assert sorted(i for i, _ in taken) == list(range(6))
     assert max(alive_at_take) <= 1, alive_at_take
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_hooks_refuse_inputs_without_b_times_k_leading_rows():
+    """A sequence-first Linear sees (T, B, D): its leading rows are positions, not examples."""
+    from toy_models import SequenceFirst, odd_model_case
+
+    from dp_diffusion.privacy import PrivacyError
+
+    model, loss_fn, batch = odd_model_case(SequenceFirst, num_examples=3)  # T = 4 rows, B = 3
+    with pytest.raises(PrivacyError, match=r"layer lin \(Linear\) got an input with 4 leading rows"):
+        make_per_example_gradients(model, "grouped")(loss_fn, batch)
+
+
+def test_parametrised_layers_are_not_hookable():
+    from toy_models import WeightNormed
+
+    from dp_diffusion.privacy.grad_samplers import unsupported_parameters
+
+    assert unsupported_parameters(Probe()) == []
+    new_style = unsupported_parameters(WeightNormed())
+    assert "lin.parametrizations.weight.original0" in new_style and "head.weight" not in new_style
+    with pytest.warns(FutureWarning):
+        old_style = WeightNormed(old_style=True)
+    assert sorted(unsupported_parameters(old_style)) == ["lin.weight_g", "lin.weight_v"]
