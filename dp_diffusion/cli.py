@@ -25,6 +25,8 @@ commands:
              dp-diffusion evaluate samples=PATH.npz data=mnist5k   (or checkpoint=PATH.ckpt)
   bench      the cost of privacy: DP step time and memory against the non-private step
              dp-diffusion bench --model dpdm --batch-size 64 --noise-multiplicity 1,4,8,32
+  audit      an empirical lower bound on epsilon from canaries, next to the claimed epsilon
+             dp-diffusion audit privacy.epsilon=1   (audit.mode=whitebox|blackbox; see conf/audit.yaml)
 
 examples:
   dp-diffusion train
@@ -78,13 +80,22 @@ def evaluate_main(cfg: DictConfig) -> None:
         run_evaluation(cfg)
 
 
+@hydra.main(config_path=CONF_DIR, config_name="audit", version_base="1.3")
+def audit_main(cfg: DictConfig) -> None:
+    from dp_diffusion.audit.run import run_audit
+
+    with user_errors():
+        run_audit(cfg)
+
+
 def bench_main() -> None:
     from dp_diffusion.bench import main as bench
 
     bench()
 
 
-COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main, "bench": bench_main}
+COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main, "bench": bench_main,
+            "audit": audit_main}
 
 
 def main(argv: list[str] | None = None) -> None:

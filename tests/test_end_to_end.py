@@ -97,3 +97,25 @@ def test_resume_with_more_steps_is_stopped_by_the_budget_guard(trained):
     # sigma was calibrated for 3 steps at epsilon=5: continuing must not spend more.
     assert report["steps"] == 3 and report["stopped_by_budget"] and report["epsilon_prv"] <= 5.0
     assert "budget guard" in result.stdout + result.stderr
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error_for_resume_sample_and_evaluate(trained):
+    run_dir, root, _ = trained
+    full = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(full[: len(full) // 2])
+    env = {**os.environ, "DP_DIFFUSION_BACKBONE_CACHE": str(root / "cache")}
+    resumed = root / "resumed-from-truncated"
+    commands = [
+        ["train", *TINY, f"resume={truncated}", f"hydra.run.dir={resumed}", f"results_file={root / 'x.jsonl'}"],
+        ["sample", f"checkpoint={truncated}", f"output_dir={root / 'x'}"],
+        ["evaluate", f"checkpoint={truncated}", "data=digits", f"results_file={root / 'x.jsonl'}"],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "dp_diffusion", *command], capture_output=True, text=True,
+                                timeout=600, env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith("error: checkpoint") and str(truncated) in lines[0]
+    # A failed resume leaves no checkpoint behind (it used to leave an interrupted.ckpt at step 0).
+    assert not (resumed / "checkpoints").exists()
