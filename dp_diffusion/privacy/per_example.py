@@ -25,7 +25,9 @@ Modes:
   O(B x params), for a second backward pass; "auto" never picks it, as it
   trades time for memory.
 
-`LayerCapture` is the hook machinery that "grouped" and "ghost" share.
+`LayerCapture` is the hook machinery that "grouped" and "ghost" share. Hooks see a parameter only
+through its layer's calls: the engine checks the chosen mode against "functorch" once, on the real
+model at the first step, and refuses a model it gets wrong (`self_check.py`).
 """
 
 from __future__ import annotations
