@@ -356,6 +356,19 @@ def test_cnn_adapts_to_the_input_size():
     assert CNN((3, 32, 32), 10)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_cnn_learns_the_8x8_digits():
+    """Unpadded, the convs and pools shrank 8x8 images to 0x0; below 18x18 the convs are padded."""
+    assert CNN((1, 8, 8), 10).classifier[0].in_features == 128 * 2 * 2
+    assert CNN((1, 17, 17), 10)(torch.zeros(2, 1, 17, 17)).shape == (2, 10)
+    with pytest.raises(ValueError, match="at least 4x4, got 3x3"):
+        CNN((1, 3, 3), 10)
+    dm = build_datamodule("digits")
+    dm.setup()
+    results = downstream_accuracy(*dm.train_tensors(), *dm.test_tensors(), classifiers=("cnn",), epochs=20,
+                                  disable_progress=True)
+    assert results["cnn"]["accuracy"] >= 0.8  # 0.1 is chance; 0.90 after 30 epochs
+
+
 @pytest.mark.slow
 def test_downstream_cnn_on_real_train_split(mnist5k):
     train_x, train_y, test_x, test_y = mnist5k

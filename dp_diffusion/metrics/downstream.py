@@ -54,22 +54,30 @@ class CNN(nn.Module):
     """DPDM's CNN: conv 32-64-128 (3x3, no padding) with max-pool and dropout 0.5, FC -> 128 -> classes.
 
     The flattened size follows the input: 1152 for 28x28 (as in DPDM), 2048 for 32x32 (as in
-    DP-LDM's MNIST script).
+    DP-LDM's MNIST script). Images under 18x18 (the 8x8 digits), which the unpadded convs and
+    pools would shrink to nothing, get padded ("same") convs instead: 512 features for 8x8.
     """
+
+    MIN_UNPADDED = 18  # 18 -> conv 16 -> pool 8 -> conv 6 -> pool 3 -> conv 1
+    MIN_PADDED = 4  # 4 -> pool 2 -> pool 1
 
     def __init__(self, image_shape: Sequence[int], num_classes: int, dropout: float = 0.5):
         super().__init__()
         c, h, w = image_shape
+        if min(h, w) < self.MIN_PADDED:
+            raise ValueError(f"the CNN classifier needs images of at least {self.MIN_PADDED}x{self.MIN_PADDED}, "
+                             f"got {h}x{w}")
+        padding = 0 if min(h, w) >= self.MIN_UNPADDED else 1
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3),
+            nn.Conv2d(c, 32, 3, padding=padding),
             nn.MaxPool2d(2),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(32, 64, 3),
+            nn.Conv2d(32, 64, 3, padding=padding),
             nn.MaxPool2d(2),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(64, 128, 3),
+            nn.Conv2d(64, 128, 3, padding=padding),
             nn.ReLU(),
             nn.Flatten(),
         )
