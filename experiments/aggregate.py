@@ -2,9 +2,10 @@
 
     python experiments/aggregate.py [runs/results.jsonl] [--metrics fid,acc_logreg,acc_mlp,acc_cnn]
 
-One row per (method, data, epsilon, other overrides) with the mean and spread over seeds of each
-metric; each column header names the backbone the metric was computed on, so
-numbers from different backbones never share a column.
+One row per (method, data, epsilon, other overrides) with the steps taken, the wall time and the
+mean and spread over seeds of each metric; each column header names the backbone the metric was
+computed on, so numbers from different backbones never share a column. Runs without evaluation
+(`eval=none`) are listed too, with "-" for their metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def load_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"error: no results file at {path} (train or evaluate writes it)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("kind") == "train" and r.get("metrics")]
+    return [r for r in records if r.get("kind") == "train"]
 
 
 IGNORED_OVERRIDES = ("seed=", "hydra.", "results_file=", "privacy.epsilon=", "privacy=", "method=", "data=")
@@ -40,35 +41,55 @@ def column(metric: str, entry: dict) -> str:
     return f"{metric} [{where}]" if "backbone" in entry else metric
 
 
+def steps_taken(record: dict) -> int | None:
+    """Training steps of the run: the ledger's count, or the planned steps for `privacy=none` (no ledger;
+    a run is recorded only when it finished)."""
+    privacy = record.get("privacy") or {}
+    steps = privacy.get("steps")
+    return steps if steps is not None else privacy.get("planned_steps")
+
+
+def cell(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds ("-" for none)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def steps_cell(values: list[int]) -> str:
+    """One number when the pooled runs agree, else their range."""
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def table(records: list[dict], metrics: tuple[str, ...]) -> str:
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs: dict[tuple, list[dict]] = defaultdict(list)
     columns: list[str] = []
     for record in records:
         eps = record.get("epsilon")
         key = (record["method"], record["data"], "none" if eps is None else f"{eps:g}", setting(record))
+        runs[key].append(record)
         for metric in metrics:
-            entry = record["metrics"].get(metric)
+            entry = (record.get("metrics") or {}).get(metric)
             if entry is None:
                 continue
             name = column(metric, entry)
             if name not in columns:
                 columns.append(name)
             groups[key][name].append(float(entry["value"]))
-    lines = ["| method | data | epsilon | setting | runs | " + " | ".join(columns) + " |",
-             "|" + "---|" * (5 + len(columns))]
-    for (method, data, eps, other), values in sorted(groups.items()):
-        runs = max((len(v) for v in values.values()), default=0)
-        cells = []
-        for name in columns:
-            vals = values.get(name, [])
-            if not vals:
-                cells.append("-")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.4g}")
-            else:
-                cells.append(f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g}")
-        lines.append(f"| {method} | {data} | {eps} | {other} | {runs} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["method", "data", "epsilon", "setting", "runs", "steps", "wall time (s)", *columns]
+    rows = [header, ["---"] * len(header)]
+    for key in sorted(runs):
+        pooled = runs[key]
+        steps = steps_cell([s for s in map(steps_taken, pooled) if s is not None])
+        wall = cell([float(r["wall_time_s"]) for r in pooled if r.get("wall_time_s") is not None])
+        rows.append([*key, str(len(pooled)), steps, wall, *(cell(groups[key].get(name, [])) for name in columns)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
