@@ -124,7 +124,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         path = Path(cfg.samples)
         if not path.is_file():
             raise ConfigError(f"samples must be an existing .npz written by train/sample, got {str(path)!r}")
-        images, labels = load_samples(path)
+        images, labels = load_samples(path, dataset_info(data_cfg.name))
         source = {"samples": str(path)}
     else:
         from dp_diffusion.sample import load_trained, with_training_guidance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
+from dp_diffusion.config import ConfigError
+from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.samplers import generate, get_sampler
 
 
@@ -74,8 +77,56 @@ def save_samples(images: Tensor, labels: Tensor | None, out_dir: str | Path, gri
     return {"npz": npz, "grid": grid}
 
 
-def load_samples(path: str | Path) -> tuple[Tensor, Tensor]:
-    """Inverse of `save_samples` for the npz: images (N, C, H, W) in [-1, 1], labels."""
-    data = np.load(path)
-    pixels = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float()
-    return pixels / 127.5 - 1, torch.from_numpy(data["labels"]).long()
+SAMPLES_FORMAT = "an .npz written by train/sample, with images (uint8, N x H x W x C) and labels (integers, N)"
+
+
+def load_samples(path: str | Path, data: DatasetInfo | None = None) -> tuple[Tensor, Tensor]:
+    """Inverse of `save_samples` for the npz: images (N, C, H, W) in [-1, 1], labels.
+
+    A file that is not such an npz, or (given `data`) whose images are not of the data set's shape or
+    whose labels are not among its classes, is a ConfigError naming the file and what was expected.
+    """
+    images, labels = _read_npz(Path(path))
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(f"samples={str(path)!r} {problem}; expected {SAMPLES_FORMAT}")
+
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise refuse(f"has images of dtype {images.dtype} and shape {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise refuse(f"has labels of dtype {labels.dtype} and shape {labels.shape} for {len(images)} images")
+    if len(images) < 2:
+        raise refuse(f"has {len(images)} image(s); evaluation needs at least 2")
+    if data is not None:
+        c, h, w = data.image_shape
+        if images.shape[1:] != (h, w, c):
+            raise ConfigError(f"samples={str(path)!r} holds images of {images.shape[1:]} (H, W, C) but "
+                              f"data={data.name} has {(h, w, c)}: evaluate them with the data set they were drawn for")
+        if data.num_classes and (labels.min() < 0 or labels.max() >= data.num_classes):
+            raise ConfigError(f"samples={str(path)!r} has labels {labels.min()}..{labels.max()} but data={data.name} "
+                              f"has classes 0..{data.num_classes - 1}")
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return pixels / 127.5 - 1, torch.from_numpy(labels).long()
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The `images` and `labels` arrays of an npz; anything else is a ConfigError naming the file."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"samples={str(path)!r} does not exist; expected {SAMPLES_FORMAT}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # text, pickles, empty or truncated files
+        raise ConfigError(f"samples={str(path)!r} is not a NumPy .npz archive; expected {SAMPLES_FORMAT}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ConfigError(f"samples={str(path)!r} is a single .npy array, not an .npz archive; "
+                          f"expected {SAMPLES_FORMAT}")
+    with data:
+        missing = [key for key in ("images", "labels") if key not in data.files]
+        if missing:
+            raise ConfigError(f"samples={str(path)!r} holds arrays {data.files} but lacks {missing}; "
+                              f"expected {SAMPLES_FORMAT}")
+        try:
+            return data["images"], data["labels"]
+        except (OSError, ValueError, zipfile.BadZipFile):  # object arrays (pickles) or a damaged member
+            raise ConfigError(f"samples={str(path)!r} has unreadable images or labels (pickled or damaged); "
+                              f"expected {SAMPLES_FORMAT}") from None
