@@ -26,11 +26,12 @@ from dp_diffusion.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
-# Non-tensor, non-container types our checkpoints hold. Today there are none:
-# Lightning stores loop and callback state as dicts of numbers and strings, the
-# privacy state is plain dicts (plan, spec, ledger history) and generator states
-# are uint8 tensors. A type added to a checkpoint goes here, or every load fails
-# with an error that names it.
+# Types beyond tensors, dicts, lists, tuples, str, bytes and numbers that our
+# checkpoints hold. Today there are none: Lightning stores loop and callback
+# state as dicts of numbers and strings, the privacy state is plain dicts (spec,
+# plan, ledger history, settings), the privacy secret is bytes and generator
+# states are uint8 tensors. A type added to a checkpoint goes here, or every load
+# fails with an error that names it (tests/test_kill_resume.py loads real ones).
 SAFE_GLOBALS: list[Any] = []
 PARTIAL_SUFFIX = ".partial"
 

@@ -140,8 +140,12 @@ def quiet_third_party_noise() -> None:
     # Lightning adds its own console handler; Hydra's root handler would print every line twice.
     logging.getLogger("lightning.pytorch").propagate = False
     for pattern in (".*LeafSpec.*", "Optimal order is the largest alpha", ".*litlogger.*",
-                    ".*does not have many workers.*", ".*not resumable.*",
+                    ".*does not have many workers.*",
                     ".*Total length of `DataLoader` across ranks is zero.*",
+                    # Lightning asks the DataLoader object for state_dict(); ours has none because the Poisson
+                    # rounds continue from the privacy state in the checkpoint (rounds taken, generator
+                    # secret), which tests/test_resume.py and tests/test_kill_resume.py check.
+                    ".*your dataloader is not resumable.*",
                     # check_run_dir decides whether a run dir that holds checkpoints may be used.
                     ".*exists and is not empty.*",
                     # We checkpoint the state after the step: the one the accountant has counted.
@@ -192,6 +196,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     validate_privacy(cfg.privacy, num_examples)
     module = build_method(cfg, info, num_examples)
     module.attach_private_data(datamodule.train_set)
+    for state in resumed.values():  # Lightning checks it again on load; here it fails before any write
+        module.check_resume(state)
 
     if rank_zero:  # validated: from here on the run writes into `out`
         if overwrite and clear_checkpoints(out):
@@ -202,7 +208,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     interrupt = StopOnInterrupt()
     trainer = build_trainer(cfg, out, module.planned_steps, config, [interrupt], SafeCheckpointIO(resumed))
     with interrupt.armed():
-        trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run (nothing resumes unless resume= says so)
+        try:
+            trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run (nothing resumes unless resume= says so)
+        except SystemExit:  # a second Ctrl-C: Lightning stops mid-step and exits from inside fit
+            if not interrupt.requested:
+                raise
+            print(f"training aborted mid-step; the newest checkpoint in {out / CHECKPOINT_DIR} holds the last "
+                  "complete step and its privacy ledger", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from None
     record: dict[str, Any] = {
         "kind": "train",
         "method": cfg.method.name,
@@ -218,7 +231,11 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if interrupt.requested:
         stop_interrupted(trainer, module, out)
     final = out / CHECKPOINT_DIR / "final.ckpt"
-    trainer.save_checkpoint(final)
+    module.keep_privacy_rng_in_checkpoint = False  # released: without the secret the noise derives from
+    try:
+        trainer.save_checkpoint(final)
+    finally:
+        module.keep_privacy_rng_in_checkpoint = True
     (out / CHECKPOINT_DIR / INTERRUPTED).unlink(missing_ok=True)  # superseded by this run's own checkpoints
     report = module.privacy_report()
     write_report(report, out / "privacy.json")
