@@ -24,8 +24,15 @@ def validate_eval(eval_cfg: DictConfig) -> None:
         raise ConfigError(
             f"eval.reference_split must be one of {REFERENCE_SPLITS}, got {eval_cfg.reference_split!r}"
         )
-    if not isinstance(eval_cfg.num_samples, int) or eval_cfg.num_samples < 2:
-        raise ConfigError(f"eval.num_samples must be an integer >= 2, got {eval_cfg.num_samples!r}")
+    fewest = minimum_samples(eval_cfg)
+    if not isinstance(eval_cfg.num_samples, int) or eval_cfg.num_samples < fewest:
+        raise ConfigError(f"eval.num_samples must be an integer >= {fewest} for eval.metrics="
+                          f"{list(eval_cfg.metrics)}, got {eval_cfg.num_samples!r}")
+
+
+def minimum_samples(eval_cfg: DictConfig) -> int:
+    """The fewest samples every configured metric can score: precision/recall's k-NN balls (k = 3) need 4."""
+    return 4 if "prc" in eval_cfg.metrics else 2
 
 
 def score_samples(images: Tensor, labels: Tensor | None, data_cfg: DictConfig, eval_cfg: DictConfig,
@@ -125,6 +132,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"samples must be an existing .npz written by train/sample, got {str(path)!r}")
         images, labels = load_samples(path, dataset_info(data_cfg.name))
+        if len(images) < minimum_samples(cfg.eval):
+            raise ConfigError(f"samples={str(path)!r} has {len(images)} images; eval.metrics="
+                              f"{list(cfg.eval.metrics)} need at least {minimum_samples(cfg.eval)}")
         source = {"samples": str(path)}
     else:
         from dp_diffusion.sample import load_trained, with_training_guidance

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dp_diffusion.config import ConfigError
 from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.evaluate import validate_eval
 from dp_diffusion.sampling import load_samples, save_samples
 
 DIGITS = dataset_info("digits")  # 8x8 grey, 10 classes
@@ -33,6 +35,11 @@ def write_mnist_shaped(path: Path) -> Path:
     return path
 
 
+def write_three(path: Path) -> Path:
+    np.savez(path, images=np.zeros((3, 8, 8, 1), np.uint8), labels=np.arange(3))
+    return path
+
+
 def write_truncated(path: Path) -> Path:
     write_mnist_shaped(path)
     path.write_bytes(path.read_bytes()[:100])
@@ -46,6 +53,8 @@ def write_truncated(path: Path) -> Path:
         ("truncated.npz", write_truncated, "is not a NumPy .npz archive"),
         ("other_keys.npz", write_other_keys, "holds arrays ['x', 'y'] but lacks ['images', 'labels']"),
         ("mnist.npz", write_mnist_shaped, "holds images of (28, 28, 1) (H, W, C) but data=digits has (8, 8, 1)"),
+        # Precision/recall (in the default metrics) takes each point's 3rd nearest neighbour.
+        ("three.npz", write_three, "has 3 images; eval.metrics=['fid', 'kid', 'isc', 'prc'] need at least 4"),
     ],
 )
 def test_evaluate_refuses_the_file_in_one_line(tmp_path, name, write, says):
@@ -100,3 +109,11 @@ def test_load_samples_refuses_npy_and_pickled_arrays(tmp_path):
     np.savez(tmp_path / "objects.npz", images=np.array([{"a": 1}], dtype=object), labels=np.zeros(1))
     with pytest.raises(ConfigError, match="unreadable images or labels"):
         load_samples(tmp_path / "objects.npz")
+
+
+def test_eval_num_samples_must_cover_precision_recall():
+    quick = OmegaConf.load(Path(__file__).parents[1] / "conf" / "eval" / "quick.yaml")
+    validate_eval(OmegaConf.merge(quick, {"num_samples": 4}))
+    with pytest.raises(ConfigError, match=r"eval.num_samples must be an integer >= 4 .* got 3"):
+        validate_eval(OmegaConf.merge(quick, {"num_samples": 3}))
+    validate_eval(OmegaConf.merge(quick, {"num_samples": 2, "metrics": ["fid", "kid"]}))
