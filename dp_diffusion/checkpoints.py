@@ -127,10 +127,11 @@ def check_run_dir(run_dir: str | Path, resume: str | Path | None, overwrite: boo
     runs' checkpoints and, at worst, continue the wrong one.
     """
     found = existing_checkpoints(run_dir)
-    if not found or overwrite:
-        return
     folder = (Path(run_dir) / CHECKPOINT_DIR).resolve()
-    if resume is not None and Path(resume).resolve().parent == folder:
+    in_place = resume is not None and Path(resume).resolve().parent == folder
+    if found and overwrite and in_place:
+        raise ConfigError(f"overwrite=true would delete the checkpoint resume={resume} continues from; drop one")
+    if not found or overwrite or in_place:
         return
     names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
     raise ConfigError(

@@ -115,6 +115,8 @@ def test_run_dir_with_checkpoints_is_refused_unless_resumed_in_place_or_overwrit
     with pytest.raises(ConfigError):  # continuing another run here would mix two runs' checkpoints
         check_run_dir(run, elsewhere, overwrite=False)
     check_run_dir(run, run / "checkpoints" / "last.ckpt", overwrite=False)  # continue this run in place
+    with pytest.raises(ConfigError, match="overwrite=true"):  # ... but not while deleting what it resumes from
+        check_run_dir(run, run / "checkpoints" / "last.ckpt", overwrite=True)
     check_run_dir(run, None, overwrite=True)
     removed = clear_checkpoints(run)
     assert len(removed) == 4 and list((run / "checkpoints").iterdir()) == []
