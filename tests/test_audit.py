@@ -16,8 +16,9 @@ from dp_diffusion.audit.run import run_audit
 from dp_diffusion.cli import CONF_DIR
 from dp_diffusion.config import ConfigError
 
-TINY = ["data=digits", "model=tiny", "audit.max_real_examples=20", "train.batch_size=20",
-        "train.physical_batch_size=16", "+trainer.enable_progress_bar=false"]
+# privacy.reproducible: masks and noise seeded from `seed`, so each test sees the same draws.
+TINY = ["data=digits", "model=tiny", "privacy.reproducible=true", "audit.max_real_examples=20",
+        "train.batch_size=20", "train.physical_batch_size=16", "+trainer.enable_progress_bar=false"]
 
 
 def audit_config(tmp_path: Path, *overrides: str):
@@ -26,10 +27,17 @@ def audit_config(tmp_path: Path, *overrides: str):
                                            f"results_file={tmp_path / 'all.jsonl'}", *overrides])
 
 
-def test_dirac_canaries_are_clipped_to_c_and_excluded_ones_leave_no_trace(tmp_path, one_thread):
+@pytest.mark.parametrize("grad_mode,k", [
+    ("auto", 1),
+    pytest.param("functorch", 2, marks=pytest.mark.slow),
+    pytest.param("ghost", 2, marks=pytest.mark.slow),
+])
+def test_dirac_canaries_are_clipped_to_c_and_excluded_ones_leave_no_trace(tmp_path, one_thread, grad_mode, k):
     # Noise almost off: each canary's summed update is (times sampled) * C / B_exp if it is in,
     # 0 if it is out. Its raw gradient is 1e4 * C, so an unclipped canary would show 1e4 times more.
+    # Every per-example gradient mode sees the canary layer, with noise multiplicity too.
     cfg = audit_config(tmp_path, "privacy.noise_multiplier=0.001", "privacy.epsilon=1e9", "privacy.max_grad_norm=0.5",
+                       f"privacy.grad_mode={grad_mode}", f"privacy.noise_multiplicity={k}",
                        "audit.canaries=20", "audit.steps=4")
     record = run_audit(cfg)
     saved = np.load(tmp_path / "run" / "canary_scores.npz")

@@ -117,13 +117,11 @@ class CanaryTraining:
         inner = super().prepare_batch((images, labels))  # type: ignore[misc]
         is_canary = ids >= 0
         included = self.canary_included.to(ids.device)[ids.clamp(min=0)]
-        weight = torch.where(is_canary, included, torch.ones_like(included)).to(images.dtype)
-        if self.canary_probe is None:
-            return inner, is_canary, weight
+        if self.canary_probe is None:  # the loss weight: 0 for an excluded canary, 1 otherwise
+            return inner, is_canary, (included | ~is_canary).to(images.dtype)
         # Row i: M e_(id) for an included canary, zeros otherwise (a real row, an excluded canary).
-        m = len(self.canary_included)
         hits = (is_canary & included).to(images.dtype) * self.canary_scale
-        canary_input = torch.zeros((len(ids), m), dtype=images.dtype, device=ids.device)
+        canary_input = torch.zeros((len(ids), len(self.canary_included)), dtype=images.dtype, device=ids.device)
         canary_input[torch.arange(len(ids), device=ids.device), ids.clamp(min=0)] = hits
         return inner, is_canary, canary_input
 
