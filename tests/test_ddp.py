@@ -1,10 +1,14 @@
-"""DDP with 2 CPU processes (gloo): identical weights on every rank, noise added once."""
+"""DDP with 2 CPU processes (gloo): identical weights on every rank, noise added once, and Poisson
+rounds in step on every rank even when local batches are often empty."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,15 @@ pytestmark = pytest.mark.ddp
 
 def run_worker(tmp_path: Path, kind: str, grad_mode: str = "auto") -> list[dict]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([sys.executable, str(WORKER), str(tmp_path), kind, grad_mode], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Own session, so that ranks out of step (hung in an all-reduce) are all killed on timeout.
+    process = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), kind, grad_mode],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -50,3 +60,25 @@ def test_noise_is_added_once_across_ranks(tmp_path, grad_mode):
     expected = 2.0 * 0.5 / 16 * math.sqrt(4)
     measured = (after - before).std().item()
     assert measured == pytest.approx(expected, rel=0.08)  # sqrt(2) larger if both ranks added noise
+
+
+@pytest.mark.parametrize("grad_mode", ["auto", "ghost"])
+def test_tiny_per_rank_batches_keep_ranks_in_step_at_rate_q(tmp_path, grad_mode):
+    """Two expected examples per rank (q = 0.05, 40 examples each): every rank takes every round,
+    empty or not (a noise-only step where the global batch is empty), the same 20 rounds in each
+    epoch, and each example joins a round with probability q. Opacus's sampler skips empty
+    local batches: its per-rank inclusion rate is q / (1 - (1-q)^40) = 0.057, and its ranks fall
+    out of step (this run, on the code before the fix, hung in an all-reduce)."""
+    ranks = run_worker(tmp_path, "poisson", grad_mode)
+    n, q, rounds = 80, 0.05, 200
+    for r in ranks:
+        assert r["steps"] == rounds and len(r["rounds"]) == rounds
+        assert Counter(epoch for epoch, _ in r["rounds"]) == {e: 20 for e in range(10)}
+        assert any(not examples for _, examples in r["rounds"])  # empty local batches were taken
+    assert [e for e, _ in ranks[0]["rounds"]] == [e for e, _ in ranks[1]["rounds"]]
+    shards = [{i for _, examples in r["rounds"] for i in examples} for r in ranks]
+    assert not shards[0] & shards[1]
+    included, trials = sum(len(x) for r in ranks for _, x in r["rounds"]), rounds * n
+    assert abs(included - q * trials) <= 4 * math.sqrt(trials * q * (1 - q))
+    for name, value in ranks[0]["after"].items():
+        assert torch.equal(value, ranks[1]["after"][name]), name
