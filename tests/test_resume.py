@@ -170,3 +170,17 @@ def test_secure_mode_training_masks_have_rate_q():
     sizes = [len(batch[1]) for _ in range(20) for batch in loader]
     trials, q = len(sizes) * 200, module.plan.sample_rate
     assert len(sizes) == 20 * 12 and abs(sum(sizes) - trials * q) <= 4 * math.sqrt(trials * q * (1 - q))
+
+
+def test_reproducible_and_secure_mode_together_is_a_config_error():
+    from omegaconf import OmegaConf
+
+    from dp_diffusion.config import ConfigError, validate_privacy
+
+    base = dict(enabled=True, noise_multiplicity=1, grad_mode="auto", epsilon=1.0, delta=1e-5, max_grad_norm=1.0,
+                accountant="rdp", noise_multiplier=None, secure_mode=True, reproducible=False)
+    validate_privacy(OmegaConf.create(base), 1000)
+    with pytest.raises(ConfigError, match="privacy.reproducible=true .* privacy.secure_mode=true"):
+        validate_privacy(OmegaConf.create({**base, "reproducible": True}), 1000)
+    with pytest.raises(ConfigError, match="privacy.reproducible must be true or false, got 'yes'"):
+        validate_privacy(OmegaConf.create({**base, "reproducible": "yes"}), 1000)
