@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dp_diffusion.build import CONFIG_KEY, build_method, config_to_dict
@@ -59,6 +60,9 @@ def build_logger(cfg: DictConfig, **overrides: Any) -> Any:
 
 class StopOnInterrupt(Callback):
     """Ctrl-C stops training after the step in progress; a second Ctrl-C aborts at once.
+
+    (SIGTERM needs nothing here: Lightning turns it into SIGTERMException between
+    steps, which `run_training` treats as this first Ctrl-C.)
 
     Stopping between steps keeps weights, ledger and EMA of the same step in the
     checkpoint written next. Lightning's own handling of KeyboardInterrupt saves
@@ -210,6 +214,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     with interrupt.armed():
         try:
             trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run (nothing resumes unless resume= says so)
+        except SIGTERMException:  # e.g. a cluster's preemption: Lightning raises it between steps
+            interrupt.requested = True
         except SystemExit:  # a second Ctrl-C: Lightning stops mid-step and exits from inside fit
             if not interrupt.requested:
                 raise

@@ -9,6 +9,7 @@ kind:
              (part of its bytes are on disk)
   written    SIGKILL right after the n-th checkpoint file of this process is in place
   interrupt  SIGINT (Ctrl-C) inside the private step that brings the ledger to n steps
+  terminate  SIGTERM (a cluster's preemption) inside that step
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class DiesMidWrite:
 
 
 def arm(kind: str, n: int) -> None:
-    if kind in ("step", "interrupt"):
+    if kind in ("step", "interrupt", "terminate"):
+        signum = {"step": signal.SIGKILL, "interrupt": signal.SIGINT, "terminate": signal.SIGTERM}[kind]
         from dp_diffusion.privacy.lightning import PrivateTrainingModule
 
         real_step = PrivateTrainingModule.training_step
@@ -65,7 +67,7 @@ def arm(kind: str, n: int) -> None:
             before = self.ledger.steps
             result = real_step(self, *args, **kwargs)
             if before < n <= self.ledger.steps:
-                die(signal.SIGKILL if kind == "step" else signal.SIGINT)
+                die(signum)
             return result
 
         PrivateTrainingModule.training_step = training_step

@@ -1,4 +1,4 @@
-"""Faults: a real training run killed at several points (one inside a checkpoint write, one Ctrl-C),
+"""Faults: a real training run killed at several points (one inside a checkpoint write, Ctrl-C, SIGTERM),
 resumed from its newest checkpoint each time, ends where an uninterrupted run ends."""
 
 from __future__ import annotations
@@ -122,6 +122,12 @@ def interrupted_chain(run_dir: Path, results: Path) -> None:
     resume_from, steps = newest_checkpoint(run_dir)
     assert (resume_from, steps) == (interrupted, 10)
 
-    # 5. Resume to the end.
+    # 5. SIGTERM (a cluster's preemption) inside step 11: handled as Ctrl-C is.
+    code, log = finish(train(run_dir, f"resume={resume_from}", kill_at="terminate:11", results=results))
+    assert code == 130 and f"resume={interrupted}" in log and "Traceback" not in log, log
+    resume_from, steps = newest_checkpoint(run_dir)
+    assert (resume_from, steps) == (interrupted, 11)
+
+    # 6. Resume to the end.
     code, log = finish(train(run_dir, f"resume={resume_from}", results=results))
     assert code == 0, log
