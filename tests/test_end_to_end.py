@@ -59,7 +59,7 @@ def test_train_writes_checkpoint_report_samples_and_results(trained):
         assert np.isfinite(entry["value"]) and entry["num_samples"] == 60
     assert record["metrics"]["fid"]["backbone"].startswith(("domain-cnn[digits-train]", "inception"))
     metrics_csv = next((run_dir / "logs").rglob("metrics.csv")).read_text()
-    assert "eval/fid" in metrics_csv and "privacy/epsilon_rdp" in metrics_csv
+    assert "eval/fid" in metrics_csv and "privacy/epsilon" in metrics_csv
 
 
 def test_sample_command_reloads_the_checkpoint(trained):

@@ -90,3 +90,20 @@ def test_evaluation_use_of_private_data_is_stated(tmp_path):
     written = json.loads(write_report(report, tmp_path / "privacy.json").read_text())
     assert written["evaluation"] == lines
     assert "evaluation: fid, kid compare" in summary(report)
+
+
+def test_logged_epsilon_is_the_reports_headline_even_where_prv_has_none():
+    """The progress bar / logger value, privacy.json's epsilon and the ledger's are one number."""
+    import lightning as L
+    from toy_models import ToyRegression, toy_dataset
+
+    for spec in (PrivacySpec(epsilon=4.0, delta=1e-3), PrivacySpec(epsilon=1e9, delta=1e-3)):
+        module = ToyRegression(spec, steps=7)
+        module.attach_private_data(toy_dataset())
+        L.Trainer(max_steps=7, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", log_every_n_steps=5).fit(module)
+        report = module.privacy_report()
+        logged = float(module.trainer.callback_metrics["privacy/epsilon"])
+        assert math.isfinite(report["epsilon"]) and report["steps"] == 7
+        assert logged == pytest.approx(report["epsilon"], rel=1e-6)
+        assert report["epsilon_accountant"] == module.ledger.headline()[1] == module.plan.accountant

@@ -137,6 +137,7 @@ class PrivateTrainingModule(L.LightningModule):
         self.rounds_taken = 0  # Poisson rounds handed to training_step: the mask stream's counter
         self._stored_randomness: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._epsilon_cache: tuple[int, float] | None = None
 
     # ---- what a method provides -------------------------------------------------
     def private_module(self) -> nn.Module:
@@ -176,6 +177,8 @@ class PrivateTrainingModule(L.LightningModule):
             if self.train_set is None:
                 raise RuntimeError("attach_private_data(dataset) must be called before training")
             self.plan = make_plan(self.privacy_spec, len(self.train_set), self.batch_size, self.planned_steps)
+        # One epsilon: the accountant that calibrated sigma (RDP where PRV could not) also guards and reports.
+        self.ledger.accountant = self.plan.accountant
         if self.allowed_steps is None:
             spec = replace(self.privacy_spec, accountant=self.plan.accountant)
             self.allowed_steps = max_steps_within_budget(self.plan, spec) if spec.enabled else self.plan.steps
@@ -235,7 +238,7 @@ class PrivateTrainingModule(L.LightningModule):
         if self._pending_rng is not None:
             # Restored here, not on load: between load and the first step Lightning
             # builds the loader and prefetches, which must not shift the stream.
-            restore_global_rng(self._pending_rng)
+            restore_global_rng(self._pending_rng, rank=self.global_rank)
             self._pending_rng = None
         if self.budget_exhausted():
             if not self.stopped_by_budget:
@@ -253,9 +256,23 @@ class PrivateTrainingModule(L.LightningModule):
         for name, value in stats.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=1)
         if self.privacy_spec.enabled:
-            eps = self.ledger.epsilon("rdp")
-            self.log("privacy/epsilon_rdp", eps, prog_bar=True, batch_size=1)
+            self.log("privacy/epsilon", self.epsilon_spent(), prog_bar=True, batch_size=1)
         return None
+
+    def epsilon_spent(self) -> float:
+        """The headline epsilon (`PrivacyLedger.headline`), the number the report gives too.
+
+        Recomputed on the trainer's logging steps and the last step only: PRV takes
+        about 0.17 s for a 600-step history on a 2-core CPU, a third of a DPDM step;
+        in between the progress bar shows the value of the last logging step.
+        """
+        every = max(1, self.trainer.log_every_n_steps)
+        steps = self.ledger.steps
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else steps
+        last = steps >= min(self.allowed_steps or steps, max_steps)
+        if self._epsilon_cache is None or steps % every == 0 or last or self._epsilon_cache[0] > steps:
+            self._epsilon_cache = (steps, self.ledger.epsilon())
+        return self._epsilon_cache[1]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
@@ -303,6 +320,8 @@ class PrivateTrainingModule(L.LightningModule):
         self.plan = PrivacyPlan(**state["plan"]) if state["plan"] else None
         self.allowed_steps = state["allowed_steps"]
         self.ledger.load_state_dict(state["ledger"])
+        if self.plan is not None:
+            self.ledger.accountant = self.plan.accountant
         self.stopped_by_budget = state["stopped_by_budget"]
         if "randomness" in state:
             self._stored_randomness = state["randomness"]
@@ -324,9 +343,15 @@ def global_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_global_rng(state: dict[str, Any]) -> None:
-    """Continue the global generators from `global_rng_state()` (CUDA only on as many devices as stored)."""
+def restore_global_rng(state: dict[str, Any], rank: int = 0) -> None:
+    """Continue the global generators from `global_rng_state()` (CUDA only on as many devices as stored).
+
+    Only rank 0's states are stored; other ranks continue from a seed drawn from them and offset by their
+    rank, so their diffusion draws stay distinct from rank 0's (these draws protect no privacy).
+    """
     torch.set_rng_state(state["cpu"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    if rank > 0:
+        torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + rank)

@@ -36,7 +36,7 @@ def _as_run(coverage: Coverage, private: bool) -> Coverage:
 
 def randomness_statement(spec: PrivacySpec) -> str:
     """Where the noise and the Poisson masks came from, and whether anyone can reproduce them."""
-    if getattr(spec, "reproducible", False):
+    if spec.reproducible:
         return ("privacy.reproducible=true: the noise and the Poisson masks are seeded from the config's `seed`; "
                 "anyone who knows the config can regenerate them, so the guarantee does NOT hold (debugging only)")
     if spec.secure_mode:
@@ -91,7 +91,7 @@ def build_report(
         "noise_multiplicity": spec.noise_multiplicity,
         "dataset_size": plan.num_examples,
         "stopped_by_budget": stopped_by_budget,
-        "seeds_secret": spec.enabled and not getattr(spec, "reproducible", False),
+        "seeds_secret": spec.enabled and not spec.reproducible,
         "secure_mode": spec.secure_mode,
         "history": ledger.history,
         "mechanisms": _mechanisms(ledger) if spec.enabled else {},
