@@ -31,6 +31,7 @@ from dp_diffusion.config import ConfigError, validate_config, validate_privacy
 from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
+from dp_diffusion.privacy.report import describe_evaluation
 from dp_diffusion.sampling import draw_samples, save_samples
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "kind": "train",
         "method": cfg.method.name,
         "data": cfg.data.name,
-        "epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "epsilon": None,  # spent: the report's headline, once training has ended
         "seed": cfg.seed,
         "overrides": hydra_overrides(),
         "output_dir": str(out),
@@ -247,9 +249,15 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     write_report(report, out / "privacy.json")
     print(summary(report))
     record["privacy"] = {k: v for k, v in report.items() if k != "history"}
+    record["epsilon"] = report["epsilon"] if report["private"] else None
     record["checkpoint"] = str(final)
 
     record.update(sample_and_evaluate(cfg, module, trainer, out))
+    if record.get("metrics"):  # what evaluation read of the private data goes into the report too
+        report["evaluation"] = record["privacy"]["evaluation"] = describe_evaluation(
+            record["metrics"], cfg.eval.reference_split, cfg.data.name)
+        write_report(report, out / "privacy.json")
+        print("\n".join(f"  evaluation: {line}" for line in report["evaluation"]))
     record["wall_time_s"] = round(time.time() - started, 1)
     append_results(record, out / "results.jsonl", cfg.results_file)
     finish_loggers(trainer)

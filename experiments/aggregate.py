@@ -71,7 +71,8 @@ def table(records: list[dict], metrics: tuple[str, ...]) -> str:
     runs: dict[tuple, list[dict]] = defaultdict(list)
     columns: list[str] = []
     for record in records:
-        eps = record.get("epsilon")
+        # The swept value (records before the spent epsilon was recorded held only the target, as `epsilon`).
+        eps = record.get("target_epsilon", record.get("epsilon"))
         key = (record["method"], record["data"], "none" if eps is None else f"{eps:g}", setting(record))
         runs[key].append(record)
         for metric in metrics:

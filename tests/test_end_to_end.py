@@ -52,8 +52,10 @@ def test_train_writes_checkpoint_report_samples_and_results(trained):
     assert sorted(set(samples["labels"].tolist())) == list(range(10))
     assert (run_dir / "samples_grid.png").stat().st_size > 0
     record = json.loads((root / "all.jsonl").read_text().splitlines()[-1])
-    assert record["method"] == "dpdm" and record["data"] == "digits" and record["epsilon"] == 5.0
+    assert record["method"] == "dpdm" and record["data"] == "digits" and record["target_epsilon"] == 5.0
     assert record["privacy"]["steps"] == 3
+    assert record["epsilon"] == report["epsilon"] == record["privacy"]["epsilon"]  # one number
+    assert any("private train split of digits" in line for line in report["evaluation"])
     for name in ("fid", "kid", "precision", "recall", "acc_logreg", "acc_mlp"):
         entry = record["metrics"][name]
         assert np.isfinite(entry["value"]) and entry["num_samples"] == 60
