@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -98,8 +99,17 @@ COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_mai
             "audit": audit_main}
 
 
+# Lightning's DDP launcher starts ranks > 0 by re-running this process's command line from sys.argv,
+# which holds only the Hydra overrides (Hydra must not see the command word): the command travels in
+# the environment the launcher copies to its children.
+COMMAND_ENV = "DP_DIFFUSION_COMMAND"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    relaunched = os.environ.get(COMMAND_ENV)
+    if relaunched in COMMANDS and "LOCAL_RANK" in os.environ and (not args or args[0] not in COMMANDS):
+        args = [relaunched, *args]  # a DDP rank started by Lightning
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if args else 2)
@@ -107,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [f"dp-diffusion {command}", *rest]
+    os.environ[COMMAND_ENV] = command
+    sys.argv = [sys.argv[0], *rest]
     from dp_diffusion.allocator import keep_freed_memory
 
     keep_freed_memory()  # before torch allocates anything large; see allocator.py

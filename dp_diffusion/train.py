@@ -234,8 +234,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out),
         "config": config,
     }
-    if not trainer.is_global_zero:
-        return record
+    # Saving is collective under DDP (every rank calls it, rank 0 writes); the rest is rank 0's.
     if interrupt.requested:
         stop_interrupted(trainer, module, out)
     final = out / CHECKPOINT_DIR / "final.ckpt"
@@ -244,6 +243,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         trainer.save_checkpoint(final)
     finally:
         module.keep_privacy_rng_in_checkpoint = True
+    if not trainer.is_global_zero:
+        return record
     (out / CHECKPOINT_DIR / INTERRUPTED).unlink(missing_ok=True)  # superseded by this run's own checkpoints
     report = module.privacy_report()
     write_report(report, out / "privacy.json")
@@ -290,6 +291,8 @@ def stop_interrupted(trainer: L.Trainer, module: Any, out: Path) -> None:
     """After Ctrl-C: checkpoint, report what was spent, say how to resume; raises KeyboardInterrupt."""
     checkpoint = out / CHECKPOINT_DIR / INTERRUPTED
     trainer.save_checkpoint(checkpoint)
+    if not trainer.is_global_zero:
+        raise KeyboardInterrupt
     report = module.privacy_report()
     write_report(report, out / "privacy.json")
     print(summary(report))

@@ -3,6 +3,7 @@ rounds in step on every rank even when local batches are often empty."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -82,3 +83,25 @@ def test_tiny_per_rank_batches_keep_ranks_in_step_at_rate_q(tmp_path, grad_mode)
     assert abs(included - q * trials) <= 4 * math.sqrt(trials * q * (1 - q))
     for name, value in ranks[0]["after"].items():
         assert torch.equal(value, ranks[1]["after"][name]), name
+
+
+@pytest.mark.slow
+def test_train_command_runs_two_process_ddp(tmp_path):
+    """`dp-diffusion train trainer=ddp`: Lightning relaunches the command for rank 1 (from sys.argv, which
+    holds no command word), every rank takes part in the final save, and rank 0 writes the report."""
+    run_dir = tmp_path / "run"
+    args = ["data=digits", "model=tiny", "train.steps=3", "train.batch_size=64", "train.physical_batch_size=32",
+            "eval=none", "sample.num_samples=0", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "privacy.epsilon=5", f"hydra.run.dir={run_dir}", f"results_file={tmp_path / 'all.jsonl'}"]
+    process = subprocess.Popen([sys.executable, "-m", "dp_diffusion", "train", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "MEMBER: 2/2" in stdout + stderr
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert report["steps"] == 3 and report["epsilon"] <= 5.0
+    assert (run_dir / "checkpoints" / "final.ckpt").is_file()
