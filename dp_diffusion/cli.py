@@ -42,12 +42,12 @@ examples:
 def user_errors() -> Iterator[None]:
     """Turn mistakes a user can fix into one line on stderr and exit status 2; Ctrl-C into status 130."""
     from dp_diffusion.config import ConfigError
-    from dp_diffusion.data.registry import DatasetNotFoundError
+    from dp_diffusion.data.registry import DatasetNotFoundError, UnknownDatasetError
     from dp_diffusion.privacy import PrivacyError
 
     try:
         yield
-    except (ConfigError, DatasetNotFoundError, PrivacyError) as err:
+    except (ConfigError, DatasetNotFoundError, UnknownDatasetError, PrivacyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # `train` has already said where its checkpoint is and how to resume

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "INCEPTION_NAME",
@@ -339,7 +342,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
                     "the domain backbone needs feature_extractor_weights_path=<checkpoint written by "
                     "dp_diffusion.metrics.backbones.build_domain_backbone>"
                 )
-            checkpoint = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         arch = checkpoint["arch"]
         self.net = DomainCNN(
             arch["in_channels"],
@@ -472,6 +475,17 @@ def _load_reference_from_registry(dataset: str, split: str) -> tuple[Tensor, Ten
     return dm.train_tensors()
 
 
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached backbone checkpoint (tensors and plain values only), or None if absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a cache entry is never worth a crash: train the backbone again
+        log.warning("ignoring unreadable cached backbone %s (%s)", path, str(err).splitlines()[0])
+        return None
+
+
 def build_domain_backbone(
     dataset: str,
     images: Tensor | None = None,
@@ -520,10 +534,9 @@ def build_domain_backbone(
     path = cache_dir / f"{key}.pt"
     name = f"domain-cnn[{dataset}-{split}]"
 
-    from_cache = path.is_file()
-    if from_cache:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    else:
+    checkpoint = _read_cached(path)
+    from_cache = checkpoint is not None
+    if not from_cache:
         net, train_accuracy = _train_domain_cnn(images, labels, num_classes, config, device, disable_progress)
         checkpoint = {
             "name": name,
