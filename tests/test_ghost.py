@@ -18,6 +18,7 @@ from toy_models import (
     shared_layers_case,
     tiny_unet_case,
     toy_dataset,
+    transformer_case,
 )
 from torch import nn
 
@@ -90,6 +91,15 @@ def test_toy_regression_norms_and_clipped_sum_match_naive_loop(k):
 @pytest.mark.parametrize("k", [1, 3])
 def test_each_layer_type_norms_and_clipped_sum_match_naive_loop(k):
     assert_matches_naive(*probe_case(num_examples=5, noise_multiplicity=k))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_transformer_block_norms_and_clipped_sum_match_naive_loop(k):
+    """LayerNorm (materialised) and Linear layers on (B*K, tokens, dim) inputs: the qkv layer takes the ghost
+    norm at K=1 (5 tokens: 25 < 6 x 18) and is materialised at K=3 (225 >= 108)."""
+    model, loss_fn, batch = transformer_case(num_examples=5, noise_multiplicity=k)
+    assert ghost_norm_is_cheaper(model.qkv, 5 * k) == (k == 1)
+    assert_matches_naive(model, loss_fn, batch)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -211,7 +221,7 @@ def test_ghost_is_a_mode_but_not_a_per_example_gradient_engine():
     with pytest.raises(ValueError, match="GhostClipping"):
         make_per_example_gradients(toy_net(), "ghost")
     with pytest.raises(ValueError, match="grad_mode=ghost supports only"):
-        GhostClipping(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), 1.0)
+        GhostClipping(nn.Sequential(nn.Linear(3, 3), nn.PReLU()), 1.0)  # (LayerNorm has a sampler now)
 
 
 def test_bf16_autocast_norms_and_sum_are_close_to_fp32():

@@ -7,7 +7,15 @@ import copy
 
 import pytest
 import torch
-from toy_models import Probe, loop_per_example_grads, probe_case, probe_loss, shared_layers_case, tiny_unet_case
+from toy_models import (
+    Probe,
+    loop_per_example_grads,
+    probe_case,
+    probe_loss,
+    shared_layers_case,
+    tiny_unet_case,
+    transformer_case,
+)
 from torch import nn
 
 from dp_diffusion.privacy import grad_samplers
@@ -25,6 +33,42 @@ def test_each_layer_type_matches_naive_loop(mode, noise_multiplicity):
     for name in expected[0]:
         for i in range(4):
             torch.testing.assert_close(grads[name][i], expected[i][name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("noise_multiplicity", [1, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_transformer_block_matches_naive_loop(mode, noise_multiplicity):
+    """LayerNorm and Linear layers on (B*K, tokens, dim) inputs: each example's gradient sums its draws and tokens."""
+    model, loss_fn, batch = transformer_case(num_examples=4, noise_multiplicity=noise_multiplicity)
+    expected = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
+    grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(loss_fn, batch)
+    for name in expected[0]:
+        for i in range(4):
+            torch.testing.assert_close(grads[name][i], expected[i][name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [(3, 1), (3, 4)])
+def test_layer_norm_sampler_matches_naive_loop(rows):
+    """The LayerNorm sampler alone, over two normalized dims, without bias, and with a frozen weight."""
+    k, t = rows
+    torch.manual_seed(0)
+    x = torch.randn(5 * k, t, 3, 4, dtype=torch.float64)
+    for layer in (nn.LayerNorm((3, 4), bias=False), nn.LayerNorm((3, 4))):
+        layer = layer.double()
+        with torch.no_grad():
+            layer.weight.add_(torch.randn_like(layer.weight))
+        weights = torch.randn(5 * k, t, 3, 4, dtype=torch.float64)
+        expected = []
+        for i in range(5):
+            rows_i = x[i * k:(i + 1) * k]
+            params = list(layer.parameters())
+            expected.append(torch.autograd.grad((layer(rows_i) * weights[i * k:(i + 1) * k]).sum(), params))
+        got = grad_samplers.layer_norm_grads(layer, x, weights, 5)
+        for j, p in enumerate(layer.parameters()):
+            torch.testing.assert_close(got[p], torch.stack([e[j] for e in expected]))
+        layer.weight.requires_grad_(False)
+        assert list(grad_samplers.layer_norm_grads(layer, x, weights, 5)) == ([layer.bias] if layer.bias is not None
+                                                                              else [])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -67,7 +111,7 @@ def test_auto_picks_grouped_and_falls_back_for_unsupported_layers():
     from dp_diffusion.privacy.per_example import FunctorchGradients, GroupedGradients
 
     assert isinstance(make_per_example_gradients(Probe(), "auto"), GroupedGradients)
-    odd = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    odd = nn.Sequential(nn.Linear(3, 3), nn.PReLU())  # (LayerNorm has a sampler now)
     assert isinstance(make_per_example_gradients(odd, "auto"), FunctorchGradients)
     with pytest.raises(ValueError, match="grad_mode=functorch"):
         make_per_example_gradients(odd, "grouped")

@@ -67,7 +67,8 @@ def toy_dataset(n: int = 64, dim: int = 6, seed: int = 0) -> torch.utils.data.Te
 
 class Probe(nn.Module):
     """One of each supported layer type, with awkward settings (stride, groups, no bias),
-    a 1x1 conv and a conv to one channel (the grouped sampler's special cases)."""
+    a 1x1 conv and a conv to one channel (the grouped sampler's special cases), and a LayerNorm
+    and a Linear on (B, tokens, channels) inputs (the feature map's positions as tokens)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,10 +79,16 @@ class Probe(nn.Module):
         self.pointwise = nn.Conv2d(6, 4, 1)
         self.narrow = nn.Conv2d(4, 1, (3, 2), padding=(1, 2))
         self.head = nn.Linear(1, 1)
+        # Positions as tokens: a LayerNorm and a Linear on (B, tokens, channels) inputs.
+        self.token_norm = nn.LayerNorm(6)
+        self.token_mix = nn.Linear(6, 6)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.conv(x) + self.embed(labels)[:, :, None, None]
-        h = self.narrow(self.pointwise(torch.tanh(self.norm(self.grouped(h)))))
+        h = torch.tanh(self.norm(self.grouped(h)))
+        tokens = self.token_mix(self.token_norm(h.flatten(2).transpose(1, 2)))
+        h = h + torch.tanh(tokens).transpose(1, 2).reshape(h.shape)
+        h = self.narrow(self.pointwise(h))
         return self.head(h.mean(dim=(2, 3))).squeeze(1)
 
 
@@ -241,3 +248,85 @@ def odd_model_case(model_cls: type[nn.Module], num_examples: int = 4, *args):
     shape = {SequenceFirst: (4, 4), RunningStatistics: (1, 5, 5)}.get(model_cls, (4,))
     x = 3 * torch.randn(num_examples, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return model, squared_output_loss, (x,)
+
+
+class TinyTransformerBlock(nn.Module):
+    """A pre-norm transformer block on (B, tokens, dim): LayerNorm, single-head attention through Linear
+    layers (3-D inputs), LayerNorm, a GELU MLP, and a Linear head averaged over tokens."""
+
+    def __init__(self, dim: int = 6, hidden: int = 10) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        attention = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        h = x + self.proj(attention @ v)
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h).mean(dim=(1, 2))
+
+
+def transformer_loss(model, batch):
+    """Mean over K noisy draws of each example's squared output; inputs (B, tokens, dim), rows example-major."""
+    x, noise = batch
+    b, k = noise.shape[:2]
+    rows = (x.unsqueeze(1) + noise).reshape(b * k, *x.shape[1:])
+    return (model(rows).reshape(b, k) ** 2).mean(1)
+
+
+def transformer_case(num_examples: int, noise_multiplicity: int, tokens: int = 5, dim: int = 6):
+    """A float64 `TinyTransformerBlock` (LayerNorm affine parameters perturbed off 1 and 0), `transformer_loss`
+    and a batch of `num_examples` with K noise draws each."""
+    torch.manual_seed(0)
+    model = TinyTransformerBlock(dim).double()
+    with torch.no_grad():
+        for norm in (model.norm1, model.norm2):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+            norm.bias.add_(0.3 * torch.randn_like(norm.bias))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(num_examples, tokens, dim, generator=g, dtype=torch.float64),
+             0.5 * torch.randn(num_examples, noise_multiplicity, tokens, dim, generator=g, dtype=torch.float64))
+    return model, transformer_loss, batch
+
+
+class Critic(nn.Module):
+    """A module outside the private one, with trainable parameters of its own (a discriminator, a teacher)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def critic_case(num_examples: int = 6, noise_multiplicity: int = 2):
+    """(float64 private net, float64 `Critic`, loss through the critic, batch): the private net's output
+    passes through the critic on its way to the per-example loss, as a generator's through a discriminator."""
+    torch.manual_seed(0)
+    private = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    critic = Critic(3).double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(num_examples, 6, generator=g, dtype=torch.float64),
+             torch.randn(num_examples, noise_multiplicity, 6, generator=g, dtype=torch.float64))
+
+    def loss_fn(model, b):
+        x, noise = b
+        n, k, d = noise.shape
+        out = model((x.unsqueeze(1) + 0.5 * noise).reshape(n * k, d))
+        return (critic(out).reshape(n, k) ** 2).mean(1) * 10
+
+    return private, critic, loss_fn, batch
+
+
+def frozen_unet_case(num_examples: int, noise_multiplicity: int, trainable: str = "up.0"):
+    """`tiny_unet_case` with every parameter frozen except those whose name contains `trainable`."""
+    denoiser, loss_fn, batch = tiny_unet_case(num_examples, noise_multiplicity)
+    for name, p in denoiser.named_parameters():
+        p.requires_grad_(trainable in name)
+    return denoiser, loss_fn, batch

@@ -181,7 +181,13 @@ class PrivateOptimization:
             if batch_size_of(chunk) == 0:
                 continue
             losses = loss_fn(self.module, chunk)
-            (losses.sum() * scale).backward()
+            # Gradients of the trainable parameters only, not .backward(): a module outside this one
+            # that the loss passes through (a critic, a teacher) keeps its .grad.
+            params = list(self.params.values())
+            grads = torch.autograd.grad(losses.sum() * scale, params, allow_unused=True) if params else ()
+            for p, grad in zip(params, grads):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad + grad
             loss_sum = loss_sum + losses.detach().sum().cpu()
         for p in self.params.values():
             if p.grad is None:

@@ -168,6 +168,24 @@ def group_norm_grads(layer: nn.GroupNorm, a: Tensor, g: Tensor, num_examples: in
     return out
 
 
+def layer_norm_grads(layer: nn.LayerNorm, a: Tensor, g: Tensor, num_examples: int,
+                     output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
+    # Rows are B*K example-major with any further leading dims (tokens) before the normalized
+    # ones: an example's gradient sums x_hat * g (weight) and g (bias) over its draws and tokens.
+    # Opacus's sampler forms one gradient per row (B*K x params) and sums K afterwards.
+    shape = tuple(layer.normalized_shape)
+    want_weight = layer.weight is not None and layer.weight.requires_grad
+    want_bias = layer.bias is not None and layer.bias.requires_grad
+    g = g.reshape(num_examples, -1, *shape)
+    out = {}
+    if want_weight:
+        x_hat = F.layer_norm(a, shape, None, None, layer.eps).reshape(num_examples, -1, *shape)
+        out[layer.weight] = (x_hat * g).sum(dim=1)
+    if want_bias:
+        out[layer.bias] = g.sum(dim=1)
+    return out
+
+
 def embedding_grads(layer: nn.Embedding, a: Tensor, g: Tensor, num_examples: int,
                     output: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     if not layer.weight.requires_grad:
@@ -184,6 +202,7 @@ GRAD_SAMPLERS: dict[type[nn.Module], GradSampler] = {
     nn.Linear: linear_grads,
     nn.Conv2d: conv2d_grads,
     nn.GroupNorm: group_norm_grads,
+    nn.LayerNorm: layer_norm_grads,
     nn.Embedding: embedding_grads,
 }
 

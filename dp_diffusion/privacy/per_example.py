@@ -125,7 +125,9 @@ class OpacusHookGradients:
             p.grad_sample = None
         with torch.enable_grad():
             losses = loss_fn(self._wrapped[0], batch)
-            losses.sum().backward()
+            # Gradients of this module's trainable parameters only (the hooks fill grad_sample on the
+            # way): a module outside it that the loss passes through (a critic) keeps its .grad.
+            torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
         grads = {}
         for name, p in params.items():
             rows = p.grad_sample
@@ -133,7 +135,6 @@ class OpacusHookGradients:
             # the example's gradient is the sum over its K rows.
             grads[name] = rows.reshape(num_examples, -1, *p.shape).sum(dim=1)
             p.grad_sample = None
-            p.grad = None
         return grads, losses.detach()
 
 
@@ -158,7 +159,7 @@ def check_hookable(module: nn.Module, mode: str) -> None:
     if unseen:
         more = f" and {len(unseen) - 3} more" if len(unseen) > 3 else ""
         raise PrivacyError(
-            f"privacy.grad_mode={mode} supports only Linear, Conv2d, GroupNorm and Embedding "
+            f"privacy.grad_mode={mode} supports only {', '.join(t.__name__ for t in GRAD_SAMPLERS)} "
             f"parameters (plain weight and bias, no parametrization such as weight_norm), not "
             f"{', '.join(unseen[:3])}{more}; use grad_mode=functorch for this model"
         )
