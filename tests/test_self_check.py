@@ -184,3 +184,45 @@ def test_dropout_does_not_make_the_check_refuse(mode):
     engine = engine_for(model, mode)
     engine.step(lambda m, b: m(b[0]) ** 2, (x,))
     assert engine.first_step_checked and model[1].training
+
+
+@pytest.mark.parametrize("case", ["frozen_unet", "transformer"])
+@pytest.mark.parametrize("mode", ["auto", *HOOK_MODES, "opacus"])
+def test_frozen_layers_and_layer_norm_pass_and_the_check_leaves_no_trace(mode, case):
+    """A UNet with all but one block frozen, and a transformer block (LayerNorm, 3-D Linear), pass the check;
+    frozen parameters get no gradient and nothing moves."""
+    from toy_models import frozen_unet_case, transformer_case
+
+    if case == "frozen_unet":
+        model, loss_fn, batch = frozen_unet_case(num_examples=5, noise_multiplicity=2, trainable="mid.1")
+    else:
+        model, loss_fn, batch = transformer_case(num_examples=5, noise_multiplicity=2)
+    state = copy.deepcopy(model.state_dict())
+    engine = engine_for(model, mode)
+    assert first_step_check(engine, loss_fn, batch) is True
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    if mode == "auto":
+        assert isinstance(engine.gradients, GroupedGradients)  # no fallback needed
+
+
+class LayerNormWeightReused(nn.Module):
+    """A LayerNorm whose weight is also used outside its own call; the Linear before it is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4).requires_grad_(False)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.lin(x))) + x * self.norm.weight
+        return self.head(h).squeeze(-1)
+
+
+@pytest.mark.parametrize("mode", HOOK_MODES)
+def test_layer_norm_weight_used_outside_its_call_is_refused(mode):
+    model, loss_fn, batch = odd_model_case(LayerNormWeightReused)
+    with pytest.raises(PrivacyError, match=rf"grad_mode={mode}: .*disagree with functorch"):
+        engine_for(model, mode).step(loss_fn, batch)
