@@ -5,6 +5,9 @@
   reference data); every value records the backbone it was computed with.
 * :func:`downstream_accuracy` -- DPDM's protocol: train LogReg / MLP / CNN on labelled
   synthetic samples, select the epoch on held-out synthetic data, report real test accuracy.
+
+Both train their classifiers (the domain CNN; LogReg / MLP / CNN) from one zoo with one loop:
+:mod:`dp_diffusion.metrics.classifiers`.
 """
 
 from dp_diffusion.metrics.backbones import (
