@@ -17,6 +17,8 @@ clipping", arXiv 2205.10683):
      O(S^2) per example instead of O(in x out).
    - otherwise: that layer's per-example gradients from `grad_samplers.py`,
      their norms, then freed. Memory is O(B x largest layer), not O(B x params).
+     A norm layer (GroupNorm, LayerNorm) always takes this path: its per-example
+     gradient (2 x channels) is smaller than any Gram matrix of its rows.
    A layer or parameter used more than once in the forward has per-example
    gradients that are sums over its calls; those are materialised and summed
    before the norm (ghost norms of the calls would not add up).

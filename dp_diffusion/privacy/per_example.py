@@ -25,6 +25,12 @@ Modes:
   O(B x params), for a second backward pass; "auto" never picks it, as it
   trades time for memory.
 
+Every mode takes gradients of the module's trainable parameters only (`torch.autograd.grad` on
+them, or on the captured layer outputs; never `.backward()`): a module outside this one that the loss
+passes through (a critic, a teacher) keeps its `.grad`. Frozen layers are not hooked: no per-example
+gradient is formed for them, and autograd goes through them only to carry an input gradient to a
+trainable layer before them.
+
 `LayerCapture` is the hook machinery that "grouped" and "ghost" share. Hooks see a parameter only
 through its layer's calls: the engine checks the chosen mode against "functorch" once, on the real
 model at the first step, and refuses a model it gets wrong (`self_check.py`).
