@@ -49,6 +49,7 @@ def naive_clipped_mean(model: nn.Module, loss_fn, batch, clip: float, expected_b
         grads.append(dict(zip(names, torch.autograd.grad(loss_fn(model, example).sum(), params))))
     norms = torch.stack([torch.sqrt(sum((g[n] ** 2).sum() for n in names)) for g in grads])
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any(), "the test should clip"
     return {n: sum(factors[i] * grads[i][n] for i in range(len(grads))) / expected_batch for n in names}
 
 
