@@ -126,8 +126,7 @@ def _mode_problem(engine: PrivateOptimization, mode: str, loss_fn: PerExampleLos
     except PrivacyError as err:  # the hooks' row assertion
         return f"{prefix}: {err}"
     worst = max(errors, key=errors.get) if errors else None
-    dtype = next(iter(trainable_parameters(module).values()), torch.empty(0)).dtype
-    tolerance = 5e-2 if dtype.itemsize <= 2 else 1e-3
+    tolerance = 5e-2 if _computes_in_16_bit(module, loss_fn, rows) else 1e-3
     if worst is None or errors[worst] <= tolerance:
         return None
     what = "per-example norms and clipped sum" if mode == "ghost" else "per-example gradients"
@@ -234,6 +233,27 @@ def _opacus_hooks_off(engine: PrivateOptimization) -> Iterator[None]:
         yield
     finally:
         wrapped.enable_hooks()
+
+
+def _computes_in_16_bit(module: nn.Module, loss_fn: PerExampleLoss, rows: Any) -> bool:
+    """Whether the forward computes in a 16-bit float type: 16-bit parameters, or an autocast the loss itself
+    enters (which the check's own autocast-off cannot undo); its gradients then agree only to bf16 rounding."""
+    if any(p.dtype.itemsize <= 2 for p in trainable_parameters(module).values()):
+        return True
+    seen: list[bool] = []
+
+    def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.is_floating_point():
+            seen.append(output.dtype.itemsize <= 2)
+
+    handles = [m.register_forward_hook(record) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            loss_fn(module, rows)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return any(seen)
 
 
 @contextmanager
