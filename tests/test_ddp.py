@@ -19,17 +19,25 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 pytestmark = pytest.mark.ddp
 
 
-def run_worker(tmp_path: Path, kind: str, grad_mode: str = "auto") -> list[dict]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    # Own session, so that ranks out of step (hung in an all-reduce) are all killed on timeout.
-    process = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), kind, grad_mode],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def run_ranks(command: list[str], cwd: Path | None = None) -> tuple[str, str]:
+    """Run a multi-process command to success; returns (stdout, stderr).
+
+    Own session, so that ranks out of step (hung in an all-reduce) are all killed on timeout.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=cwd)
     try:
-        _, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
     assert process.returncode == 0, stderr[-3000:]
+    return stdout, stderr
+
+
+def run_worker(tmp_path: Path, kind: str, grad_mode: str = "auto") -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_ranks([sys.executable, str(WORKER), str(tmp_path), kind, grad_mode])
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -93,14 +101,7 @@ def test_train_command_runs_two_process_ddp(tmp_path):
     args = ["data=digits", "model=tiny", "train.steps=3", "train.batch_size=64", "train.physical_batch_size=32",
             "eval=none", "sample.num_samples=0", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
             "privacy.epsilon=5", f"hydra.run.dir={run_dir}", f"results_file={tmp_path / 'all.jsonl'}"]
-    process = subprocess.Popen([sys.executable, "-m", "dp_diffusion", "train", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    stdout, stderr = run_ranks([sys.executable, "-m", "dp_diffusion", "train", *args], cwd=tmp_path)
     assert "Traceback" not in stderr and "MEMBER: 2/2" in stdout + stderr
     report = json.loads((run_dir / "privacy.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 5.0
