@@ -330,3 +330,65 @@ def frozen_unet_case(num_examples: int, noise_multiplicity: int, trainable: str 
     for name, p in denoiser.named_parameters():
         p.requires_grad_(trainable in name)
     return denoiser, loss_fn, batch
+
+
+class ToyTwoPart(PrivateTrainingModule):
+    """A two-part method: a private generator (Linear) whose per-example loss passes through a critic
+    (Linear) that trains alongside on a loss of its own.
+
+    Generator, per example i: (critic(generator(x_i)) - y_i)^2, by DP-SGD (`private_step`). Critic: with
+    `dp_critic=False` a non-private part whose loss is the mean of critic(generator(z))^2 over public draws z
+    (drawn per rank and step, so that ranks differ without the all-reduce), stepped first by plain SGD
+    (`public_step`); with `dp_critic=True` a second private part, per example (critic(generator(x_i)) - y_i)^2
+    with the generator held fixed, stepped first by DP-SGD: two mechanisms in the ledger.
+    """
+
+    def __init__(self, privacy: PrivacySpec, dim: int = 6, batch_size: int = 8, physical_batch_size: int = 8,
+                 steps: int = 4, lr: float = 0.1, critic_lr: float = 0.2, dp_critic: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(privacy, batch_size, physical_batch_size, steps, seed=seed)
+        torch.manual_seed(seed)
+        self.generator = nn.Linear(dim, dim)
+        self.critic = nn.Linear(dim, 1)
+        self.lr, self.critic_lr, self.dp_critic = lr, critic_lr, dp_critic
+        self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=critic_lr)
+
+    def private_parts(self) -> dict[str, nn.Module]:
+        parts = {"generator": self.generator}
+        return {"critic": self.critic, **parts} if self.dp_critic else parts
+
+    def public_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [] if self.dp_critic else [self.critic_optimizer]
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr)
+
+    def public_draws(self, step: int) -> Tensor:
+        g = torch.Generator().manual_seed(1000 * self.global_rank + step)
+        return torch.randn(5, self.generator.in_features, generator=g)
+
+    def critic_loss(self, critic: nn.Module, generator: nn.Module, step: int) -> Tensor:
+        return (critic(generator(self.public_draws(step))) ** 2).mean()
+
+    def generator_loss(self, generator: Any, batch: Any) -> Tensor:
+        x, y = batch
+        return (self.critic(generator(x)).squeeze(-1) - y) ** 2
+
+    def dp_critic_loss(self, critic: Any, batch: Any) -> Tensor:
+        x, y = batch
+        return (critic(self.generator(x).detach()).squeeze(-1) - y) ** 2
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if not self.start_logical_step():
+            return None
+        if self.dp_critic:
+            self.log_step(self.private_step("critic", self.dp_critic_loss, batch), prefix="critic")
+        else:
+            self.public_step(self.critic_optimizer, self.critic_loss(self.critic, self.generator, batch_idx))
+        self.log_step(self.private_step("generator", self.generator_loss, batch), prefix="generator")
+        return None
+
+    def privacy_coverage(self) -> Coverage:
+        public = [] if self.dp_critic else ["critic (trained on the DP generator's outputs of public draws)"]
+        return Coverage(released=["generator"], trained_with_dp=list(self.private_parts()),
+                        never_saw_private_data=public)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils._pytree import tree_map
 
-from dp_diffusion.privacy.accounting import PrivacyLedger
+from dp_diffusion.privacy.accounting import DEFAULT_MECHANISM, PrivacyLedger
 from dp_diffusion.privacy.clipping import (
     SourcedDistributedDPOptimizerFastGradientClipping,
     SourcedDPOptimizerFastGradientClipping,
@@ -74,15 +74,18 @@ class PrivateOptimization:
         ledger: PrivacyLedger,
         physical_batch_size: int,
         noise: NoiseStream | None = None,
+        mechanism: str = DEFAULT_MECHANISM,
     ) -> None:
         """`noise`: the run's noise stream (`PrivateTrainingModule` passes it); None: torch's global
-        generator, or OS entropy with `spec.secure_mode` (for tests and benchmarks)."""
+        generator, or OS entropy with `spec.secure_mode` (for tests and benchmarks). `mechanism`: the
+        name the ledger records this engine's steps under."""
         if noise is None and spec.secure_mode:
             noise = NoiseStream(PrivacyRandomness("secure"))
         self.module = module
         self.spec = spec
         self.plan = plan
         self.ledger = ledger
+        self.mechanism = mechanism
         self.physical_batch_size = physical_batch_size
         self.params = trainable_parameters(module)
         self.distributed = is_distributed()
@@ -114,7 +117,8 @@ class PrivateOptimization:
             self.optimizer = optimizer
 
     def _account(self, _optimizer: Optimizer) -> None:
-        self.ledger.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        self.ledger.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
+                         mechanism=self.mechanism)
 
     def step(
         self,

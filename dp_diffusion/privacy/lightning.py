@@ -7,6 +7,12 @@ the guarantee covers. Poisson sampling, calibration, per-example gradients,
 clipping, noise, accounting, the budget guard and checkpointing of the privacy
 state all happen here.
 
+A method with several parts names its private parts (`private_parts`), each
+trained by its own DP-SGD engine and recorded in the ledger under its own name,
+and its non-private parts' optimizers (`public_optimizers`); its
+`training_step` calls `start_logical_step()`, then `private_step(part, ...)` once
+per private part and `public_step(optimizer, loss)` for each non-private part.
+
 Resuming continues every random stream a step draws from: the Poisson masks
 and the noise (`randomness.PrivacyRandomness`, counted in rounds and noise
 steps) and torch's global CPU/CUDA generators (the diffusion draws), and it
@@ -25,8 +31,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from dp_diffusion.privacy.accounting import PrivacyLedger, epsilon_for
-from dp_diffusion.privacy.engine import PrivateOptimization
+import torch.distributed as dist
+
+from dp_diffusion.privacy.accounting import DEFAULT_MECHANISM, PrivacyLedger, epsilon_for
+from dp_diffusion.privacy.engine import PrivateOptimization, is_distributed
 from dp_diffusion.privacy.per_example import trainable_parameters
 from dp_diffusion.privacy.randomness import NoiseStream, PrivacyRandomness
 from dp_diffusion.privacy.report import Coverage, build_report
@@ -35,6 +43,7 @@ from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec, make_plan
 from dp_diffusion.privacy.validation import PrivacyError, check_no_batch_mixing
 
 log = logging.getLogger(__name__)
+DEFAULT_PART = "model"  # the one private part of a single-part method (`private_module()`)
 CHECKPOINT_KEY = "dp_diffusion_privacy"
 # What a resumed run must share with its checkpoint, and the config key each one comes from.
 RESUME_SETTINGS = {
@@ -78,15 +87,19 @@ def check_resume_settings(stored: dict[str, Any], given: dict[str, Any]) -> None
                            "resume with the same privacy settings or start a new run")
 
 
-def max_steps_within_budget(plan: PrivacyPlan, spec: PrivacySpec) -> int:
-    """Steps the run may take: the planned ones, or fewer if they would exceed the target.
+def max_steps_within_budget(plan: PrivacyPlan, spec: PrivacySpec, mechanisms: int = 1) -> int:
+    """Logical steps the run may take: the planned ones, or fewer if they would exceed the target.
 
     Stopping at the plan is deliberate: sigma was calibrated for it, and a later
-    override of the step count must not silently spend more.
+    override of the step count must not silently spend more. With `mechanisms`
+    private parts each taking one step at (sigma, q) per logical step, n logical
+    steps compose k*n identical steps: the ledger's composed epsilon after n logical
+    steps is exactly `epsilon_for(sigma, q, k*n)` (composition does not depend on order).
     """
 
     def within(n: int) -> bool:
-        return epsilon_for(plan.noise_multiplier, plan.sample_rate, n, spec.delta, plan.accountant) <= spec.epsilon
+        return epsilon_for(plan.noise_multiplier, plan.sample_rate, n * mechanisms, spec.delta,
+                           plan.accountant) <= spec.epsilon
 
     if within(plan.steps):
         return plan.steps
@@ -130,7 +143,7 @@ class PrivateTrainingModule(L.LightningModule):
         self.allowed_steps: int | None = None
         self.ledger = PrivacyLedger(delta=privacy.delta, accountant=privacy.accountant)
         self.stopped_by_budget = False
-        self._engine: PrivateOptimization | None = None
+        self._engines: dict[str, PrivateOptimization] = {}
         # Privacy randomness: made when training starts (or restored from a checkpoint), never logged.
         self.randomness: PrivacyRandomness | None = None
         self.noise = NoiseStream(None)
@@ -144,7 +157,17 @@ class PrivateTrainingModule(L.LightningModule):
         """The module whose trainable parameters are updated from private data."""
         raise NotImplementedError
 
+    def private_parts(self) -> dict[str, nn.Module]:
+        """Each module trained by DP-SGD on private data, by name; each gets its own engine and base optimizer
+        (`build_optimizer`) and its own mechanism in the ledger. Default: one part, `private_module()`."""
+        return {DEFAULT_PART: self.private_module()}
+
+    def public_optimizers(self) -> list[Optimizer]:
+        """Optimizers of the non-private parts (a critic, a public stage), stepped with `public_step`."""
+        return []
+
     def build_optimizer(self, params: list[nn.Parameter]) -> Optimizer:
+        """The base optimizer of a private part (called once per part with its trainable parameters)."""
         raise NotImplementedError
 
     def prepare_batch(self, batch: Any) -> Any:
@@ -172,16 +195,29 @@ class PrivateTrainingModule(L.LightningModule):
     def attach_private_data(self, dataset: Dataset) -> None:
         self.train_set = dataset
 
+    def mechanism_name(self, part: str) -> str:
+        """The ledger's name for `part`'s steps: "dp_sgd" for the one part of a single-part method (as in
+        checkpoints and reports written before parts were named), else the part's name."""
+        return DEFAULT_MECHANISM if list(self.private_parts()) == [DEFAULT_PART] else part
+
     def ensure_plan(self) -> PrivacyPlan:
+        """Calibrate sigma once. With k private parts, each taking one step per logical step at the same
+        (sigma, q), sigma is calibrated for k*planned steps: the composition of k mechanisms of n identical
+        steps is one mechanism of k*n steps. `plan.steps` stays in logical steps."""
+        parts = len(self.private_parts())
         if self.plan is None:
             if self.train_set is None:
                 raise RuntimeError("attach_private_data(dataset) must be called before training")
-            self.plan = make_plan(self.privacy_spec, len(self.train_set), self.batch_size, self.planned_steps)
+            self.plan = make_plan(self.privacy_spec, len(self.train_set), self.batch_size,
+                                  self.planned_steps * parts)
+            if parts > 1:
+                self.plan = replace(self.plan, steps=self.planned_steps)
         # One epsilon: the accountant that calibrated sigma (RDP where PRV could not) also guards and reports.
         self.ledger.accountant = self.plan.accountant
         if self.allowed_steps is None:
             spec = replace(self.privacy_spec, accountant=self.plan.accountant)
-            self.allowed_steps = max_steps_within_budget(self.plan, spec) if spec.enabled else self.plan.steps
+            self.allowed_steps = (max_steps_within_budget(self.plan, spec, mechanisms=parts) if spec.enabled
+                                  else self.plan.steps)
         return self.plan
 
     def ensure_randomness(self) -> PrivacyRandomness:
@@ -206,17 +242,21 @@ class PrivateTrainingModule(L.LightningModule):
             log.warning("resume: the checkpoint holds no privacy generator state (a released checkpoint); "
                         "the Poisson masks and the noise continue from fresh OS entropy")
 
-    def configure_optimizers(self) -> Optimizer:
+    def configure_optimizers(self) -> Optimizer | list[Optimizer]:
+        """One DP optimizer per private part (all drawing from the run's noise stream), then the public ones."""
         plan = self.ensure_plan()
         self.ensure_randomness()
-        module = self.private_module()
-        if self.privacy_spec.enabled:
-            check_no_batch_mixing(module)
-        base = self.build_optimizer(list(trainable_parameters(module).values()))
-        self._engine = PrivateOptimization(
-            module, base, self.privacy_spec, plan, self.ledger, self.physical_batch_size, noise=self.noise
-        )
-        return self._engine.optimizer
+        self._engines = {}
+        for part, module in self.private_parts().items():
+            if self.privacy_spec.enabled:
+                check_no_batch_mixing(module)
+            base = self.build_optimizer(list(trainable_parameters(module).values()))
+            self._engines[part] = PrivateOptimization(
+                module, base, self.privacy_spec, plan, self.ledger, self.physical_batch_size, noise=self.noise,
+                mechanism=self.mechanism_name(part),
+            )
+        optimizers = [engine.optimizer for engine in self._engines.values()] + self.public_optimizers()
+        return optimizers[0] if len(optimizers) == 1 else optimizers
 
     def train_dataloader(self) -> DataLoader:
         plan = self.ensure_plan()
@@ -230,10 +270,21 @@ class PrivateTrainingModule(L.LightningModule):
         if hasattr(ddp, "require_backward_grad_sync"):
             ddp.require_backward_grad_sync = False
 
-    def budget_exhausted(self) -> bool:
-        return self.privacy_spec.enabled and self.ledger.steps >= (self.allowed_steps or 0)
+    def logical_steps(self) -> int:
+        """Logical DP steps taken: the ledger's steps for a single-part method, else the most steps any
+        private part has taken (each takes one per logical step)."""
+        names = [self.mechanism_name(part) for part in self.private_parts()]
+        if names == [DEFAULT_MECHANISM]:
+            return self.ledger.steps
+        return max((self.ledger.steps_of(name) for name in names), default=0)
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def budget_exhausted(self) -> bool:
+        """True when one more logical step would take the composed epsilon of all parts past the target."""
+        return self.privacy_spec.enabled and self.logical_steps() >= (self.allowed_steps or 0)
+
+    def start_logical_step(self) -> bool:
+        """Start of every `training_step`: count the Poisson round, continue the global generators on
+        resume, and apply the budget guard. False: the budget is spent, take no step (training stops)."""
         self.rounds_taken += 1
         if self._pending_rng is not None:
             # Restored here, not on load: between load and the first step Lightning
@@ -244,20 +295,74 @@ class PrivateTrainingModule(L.LightningModule):
             if not self.stopped_by_budget:
                 log.warning(
                     "privacy budget guard: %d steps taken; one more would exceed epsilon=%g. Stopping.",
-                    self.ledger.steps,
+                    self.logical_steps(),
                     self.privacy_spec.epsilon,
                 )
             self.stopped_by_budget = True
             self.trainer.should_stop = True
+            return False
+        return True
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if not self.start_logical_step():
             return None
-        optimizer = self.optimizers()
-        stats = self._engine.step(self.per_example_loss, self.prepare_batch(batch), optimizer.step)
+        stats = self.private_step(DEFAULT_PART, self.per_example_loss, self.prepare_batch(batch))
         self.on_private_step()
+        self.log_step(stats)
+        return None
+
+    def private_step(self, part: str, loss_fn: Callable[[Any, Any], Tensor], batch: Any) -> dict[str, Tensor]:
+        """One logical DP-SGD step for private part `part`: per-example gradients of `loss_fn(model, batch)`
+        (shape (B,)) for that part's trainable parameters only, clipping, noise from the run's noise stream,
+        one ledger step under its mechanism name. Returns the engine's loggable statistics.
+
+        The first private part steps through Lightning's optimizer wrapper (precision plugin, hooks, and
+        the trainer's step count); further parts step their DP optimizer directly, because Lightning counts
+        one global step per wrapped optimizer step and `trainer.max_steps` is in logical steps.
+        """
+        engine = self._engines[part]
+        first = next(iter(self._engines)) == part
+        optimizer = self._wrapped(engine.optimizer) if first else engine.optimizer
+        return engine.step(loss_fn, batch, optimizer.step)
+
+    def public_step(self, optimizer: Optimizer, loss: Tensor) -> Tensor:
+        """One ordinary step of a non-private part: gradients of `loss` for `optimizer`'s parameters only
+        (so a private part's .grad is untouched), averaged across ranks, then the optimizer's step.
+
+        Averaged here by hand: `on_train_start` turned DDP's reducer off (require_backward_grad_sync=False)
+        so that private gradients are summed only after clipping and noise; the public parts must not lose
+        the all-reduce with it. Stepped directly, not through Lightning's wrapper, so that the trainer's
+        step count stays one per logical step. Returns the detached loss.
+        """
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        world_size = dist.get_world_size() if is_distributed() else 1
+        for p, grad in zip(params, grads):
+            p.grad = torch.zeros_like(p) if grad is None else grad
+            if world_size > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def log_step(self, stats: dict[str, Tensor], prefix: str = "train") -> None:
+        """Log a private step's statistics and the headline epsilon."""
         for name, value in stats.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=1)
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", batch_size=1)
         if self.privacy_spec.enabled:
             self.log("privacy/epsilon", self.epsilon_spent(), prog_bar=True, batch_size=1)
-        return None
+
+    def _wrapped(self, optimizer: Optimizer) -> Any:
+        """Lightning's wrapper of `optimizer` when a trainer is attached, else `optimizer` itself."""
+        if self._trainer is None:
+            return optimizer
+        optimizers = self.optimizers()
+        for wrapper in optimizers if isinstance(optimizers, list) else [optimizers]:
+            if wrapper.optimizer is optimizer:
+                return wrapper
+        return optimizer
 
     def epsilon_spent(self) -> float:
         """The headline epsilon (`PrivacyLedger.headline`), the number the report gives too.
@@ -267,7 +372,7 @@ class PrivateTrainingModule(L.LightningModule):
         in between the progress bar shows the value of the last logging step.
         """
         every = max(1, self.trainer.log_every_n_steps)
-        steps = self.ledger.steps
+        steps = self.logical_steps()
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else steps
         last = steps >= min(self.allowed_steps or steps, max_steps)
         if self._epsilon_cache is None or steps % every == 0 or last or self._epsilon_cache[0] > steps:
