@@ -136,7 +136,10 @@ def test_two_private_parts_compose_in_calibration_guard_and_report():
     composed = module.ledger.epsilon()
     assert composed == pytest.approx(epsilon_for(sigma, 0.1, 12, 1e-3, "rdp"), rel=1e-9)
     assert composed > epsilon_for(sigma, 0.1, 6, 1e-3, "rdp")
-    assert module.privacy_report()["epsilon"] == composed <= 2.0
+    report = module.privacy_report()
+    assert report["epsilon"] == composed <= 2.0
+    assert report["steps"] == report["planned_steps"] == 6  # logical steps; each part's 6 are in its share
+    assert {name: share["steps"] for name, share in report["mechanisms"].items()} == {"critic": 6, "generator": 6}
 
 
 @pytest.mark.ddp

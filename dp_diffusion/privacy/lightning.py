@@ -434,9 +434,8 @@ class PrivateTrainingModule(L.LightningModule):
         self._pending_rng = state.get("global_rng")
 
     def privacy_report(self) -> dict[str, Any]:
-        return build_report(
-            self.privacy_spec, self.ensure_plan(), self.ledger, self.privacy_coverage(), self.stopped_by_budget
-        )
+        return build_report(self.privacy_spec, self.ensure_plan(), self.ledger, self.privacy_coverage(),
+                            self.stopped_by_budget, steps=self.logical_steps())
 
 
 

@@ -53,9 +53,13 @@ def build_report(
     ledger: PrivacyLedger,
     coverage: Coverage,
     stopped_by_budget: bool = False,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """The run's privacy report: one headline epsilon (the accountant that calibrated and guarded the run,
-    or RDP where PRV has no value), both accountants' values, the schedule, and what the guarantee covers."""
+    or RDP where PRV has no value), both accountants' values, the schedule, and what the guarantee covers.
+
+    `steps`: logical steps taken (default: the ledger's steps, which is that for a single mechanism); each
+    mechanism's own count is in `mechanisms`."""
     coverage = _as_run(coverage, spec.enabled)
     notes = list(coverage.notes)
     public = [f"the private data set's size N={plan.num_examples} (it sets the sample rate q = B/N)"]
@@ -85,7 +89,7 @@ def build_report(
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "expected_batch_size": plan.expected_batch_size,
-        "steps": ledger.steps if spec.enabled else None,
+        "steps": (ledger.steps if steps is None else steps) if spec.enabled else None,
         "planned_steps": plan.steps,
         "max_grad_norm": spec.max_grad_norm if spec.enabled else None,
         "noise_multiplicity": spec.noise_multiplicity,
