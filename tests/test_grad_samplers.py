@@ -26,20 +26,11 @@ MODES = list(PER_EXAMPLE_MODES)
 
 @pytest.mark.parametrize("noise_multiplicity", [1, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_each_layer_type_matches_naive_loop(mode, noise_multiplicity):
-    model, loss_fn, batch = probe_case(num_examples=4, noise_multiplicity=noise_multiplicity)
-    expected = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
-    grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(loss_fn, batch)
-    for name in expected[0]:
-        for i in range(4):
-            torch.testing.assert_close(grads[name][i], expected[i][name], rtol=1e-7, atol=1e-10)
-
-
-@pytest.mark.parametrize("noise_multiplicity", [1, 3])
-@pytest.mark.parametrize("mode", MODES)
-def test_transformer_block_matches_naive_loop(mode, noise_multiplicity):
-    """LayerNorm and Linear layers on (B*K, tokens, dim) inputs: each example's gradient sums its draws and tokens."""
-    model, loss_fn, batch = transformer_case(num_examples=4, noise_multiplicity=noise_multiplicity)
+@pytest.mark.parametrize("case", [probe_case, transformer_case], ids=["each_layer_type", "transformer_block"])
+def test_per_example_gradients_match_naive_loop(case, mode, noise_multiplicity):
+    """Every layer type of the probe, and a transformer block (LayerNorm and Linear layers on (B*K, tokens, dim)
+    inputs: each example's gradient sums its draws and tokens), against the per-example loop."""
+    model, loss_fn, batch = case(num_examples=4, noise_multiplicity=noise_multiplicity)
     expected = loop_per_example_grads(copy.deepcopy(model), loss_fn, batch)
     grads, _ = make_per_example_gradients(copy.deepcopy(model), mode)(loss_fn, batch)
     for name in expected[0]:
