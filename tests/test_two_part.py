@@ -155,3 +155,19 @@ def test_two_part_ddp_keeps_both_parts_in_sync(tmp_path):
         for name, value in ranks[0]["after"][part].items():
             assert torch.equal(value, ranks[1]["after"][part][name]), f"{part}.{name}"
             assert not torch.equal(value, ranks[0]["before"][part][name]), f"{part}.{name} was not updated"
+
+
+def test_a_recorded_mechanism_does_not_count_as_this_runs_steps():
+    """A history recorded from elsewhere (a DP teacher's) is composed into epsilon but is not a step of
+    this run: the guard and the report count only the run's own private steps."""
+    from toy_models import ToyRegression
+
+    module = ToyRegression(PrivacySpec(epsilon=50.0, delta=1e-3, noise_multiplier=1.0), steps=3)
+    module.ledger.record("teacher", [(50.0, 0.01, 10)])
+    module.attach_private_data(toy_dataset())
+    L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module)
+    assert module.ledger.steps_of("dp_sgd") == 3 and module.ledger.steps == 13
+    assert module.logical_steps() == 3 and not module.stopped_by_budget
+    report = module.privacy_report()
+    assert report["steps"] == 3 and set(report["mechanisms"]) == {"teacher", "dp_sgd"}

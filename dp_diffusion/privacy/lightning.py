@@ -271,12 +271,9 @@ class PrivateTrainingModule(L.LightningModule):
             ddp.require_backward_grad_sync = False
 
     def logical_steps(self) -> int:
-        """Logical DP steps taken: the ledger's steps for a single-part method, else the most steps any
-        private part has taken (each takes one per logical step)."""
-        names = [self.mechanism_name(part) for part in self.private_parts()]
-        if names == [DEFAULT_MECHANISM]:
-            return self.ledger.steps
-        return max((self.ledger.steps_of(name) for name in names), default=0)
+        """Logical DP steps taken: the most steps any of this run's private parts has taken (each takes one
+        per logical step); mechanisms recorded from elsewhere (a DP teacher's history) do not count."""
+        return max((self.ledger.steps_of(self.mechanism_name(part)) for part in self.private_parts()), default=0)
 
     def budget_exhausted(self) -> bool:
         """True when one more logical step would take the composed epsilon of all parts past the target."""
