@@ -28,6 +28,8 @@ commands:
              dp-diffusion bench --model dpdm --batch-size 64 --noise-multiplicity 1,4,8,32
   audit      an empirical lower bound on epsilon from canaries, next to the claimed epsilon
              dp-diffusion audit privacy.epsilon=1   (audit.mode=whitebox|blackbox; see conf/audit.yaml)
+  report     results files or run dirs -> RESULTS.md, plots against epsilon, sample mosaic, papers' numbers
+             dp-diffusion report runs/ --out runs/report   (--wandb: log it to W&B too)
 
 examples:
   dp-diffusion train
@@ -89,6 +91,13 @@ def audit_main(cfg: DictConfig) -> None:
         run_audit(cfg)
 
 
+def report_main() -> None:
+    from dp_diffusion.report import main as report
+
+    with user_errors():
+        report()
+
+
 def bench_main() -> None:
     from dp_diffusion.bench import main as bench
 
@@ -96,7 +105,7 @@ def bench_main() -> None:
 
 
 COMMANDS = {"train": train_main, "sample": sample_main, "evaluate": evaluate_main, "bench": bench_main,
-            "audit": audit_main}
+            "audit": audit_main, "report": report_main}
 
 
 # Lightning's DDP launcher starts ranks > 0 by re-running this process's command line from sys.argv,

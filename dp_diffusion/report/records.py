@@ -1,0 +1,149 @@
+"""Results records: reading them from results files or run dirs, and what the report needs to know
+about each (its setting, its epsilon, whether that epsilon is a guarantee).
+
+A record is one line of `results.jsonl` as `train` writes it (`dp_diffusion/train.py`): `kind`,
+`method`, `data`, `target_epsilon` (the swept value; older records hold it as `epsilon`), `seed`,
+`overrides`, `output_dir`, `privacy` (the privacy report without its history), `samples` (paths of
+`samples.npz` and the grid PNG), `metrics` (name -> {value, backbone | selected_on, ...}) and
+`wall_time_s`.
+
+Whether the epsilon is a guarantee
+----------------------------------
+A run whose epsilon is NOT a differential-privacy guarantee sets, in its privacy report (which
+becomes `record["privacy"]`)::
+
+    "epsilon_is_guarantee": false
+
+(`EPSILON_IS_GUARANTEE`; DP-SAD's `paper` variant sets it, with `epsilon_note` saying why). The report
+also treats as not a guarantee a run whose report lists components that saw private data without DP
+(`covers.saw_private_data_without_dp`), holds a mechanism marked `"is_guarantee": false`, or whose
+noise seeds were not secret (`privacy.reproducible=true`). Such runs are marked in every table and
+plot; their numbers are never pooled with guaranteed runs of the same setting.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dp_diffusion.config import ConfigError
+
+EPSILON_IS_GUARANTEE = "epsilon_is_guarantee"
+"""Key in `record["privacy"]` (and the privacy report): false when the epsilon is not a guarantee."""
+
+RESULTS_NAME = "results.jsonl"
+
+IGNORED_OVERRIDES = ("seed=", "hydra.", "results_file=", "privacy.epsilon=", "privacy=", "method=", "data=",
+                     "output_dir=", "overwrite=")
+
+
+def read_results_file(path: Path) -> list[dict[str, Any]]:
+    """The records of one results file (every kind); a line that is not JSON is a ConfigError naming it."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{number} is not a JSON results record (expected lines as `train` "
+                              "writes them to results.jsonl)") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def results_files(source: Path) -> list[Path]:
+    """The results files of `source`: the file itself, or every results.jsonl under a run or sweep dir."""
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        found = sorted(source.rglob(RESULTS_NAME))
+        if not found:
+            raise ConfigError(f"no {RESULTS_NAME} under {source} (train writes one into each run dir)")
+        return found
+    raise ConfigError(f"no results file or run dir at {source}")
+
+
+def identity(record: Mapping[str, Any]) -> str:
+    """What makes two records the same run (a sweep writes each run to its dir and to the shared file)."""
+    if not record.get("output_dir"):  # nothing names the run: only an identical line is the same run
+        return json.dumps(record, sort_keys=True, default=str)
+    keys = ("method", "data", "seed", "output_dir", "checkpoint", "wall_time_s", "target_epsilon", "epsilon")
+    return json.dumps([record.get(k) for k in keys], default=str)
+
+
+def load_records(sources: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The training records of all `sources` (results files or run dirs), each run once.
+
+    No training record at all is a ConfigError: there is nothing to report."""
+    seen: set[str] = set()
+    records = []
+    names = []
+    for source in sources:
+        for path in results_files(Path(source)):
+            names.append(str(path))
+            for record in read_results_file(path):
+                if record.get("kind") != "train" or identity(record) in seen:
+                    continue
+                if not record.get("method") or not record.get("data"):
+                    raise ConfigError(f"{path} holds a training record without method or data")
+                seen.add(identity(record))
+                records.append(record)
+    if not records:
+        raise ConfigError(f"no training records in {', '.join(names) or 'the given sources'} "
+                          "(lines with kind=train, as `dp-diffusion train` appends them)")
+    return records
+
+
+def setting(record: Mapping[str, Any]) -> str:
+    """The run's other overrides: runs differing in these are not pooled as seeds."""
+    kept = [o for o in record.get("overrides", []) if not o.startswith(IGNORED_OVERRIDES)]
+    return " ".join(sorted(kept)) or "default"
+
+
+def swept_epsilon(record: Mapping[str, Any]) -> float | None:
+    """The epsilon the run was asked for (None: non-private). Records written before the spent epsilon
+    was recorded hold only the target, as `epsilon`."""
+    eps = record.get("target_epsilon", record.get("epsilon"))
+    return None if eps is None else float(eps)
+
+
+def not_a_guarantee(record: Mapping[str, Any]) -> str | None:
+    """Why the run's epsilon is not a differential-privacy guarantee, or None when it is one (or the run
+    is non-private, which the epsilon column already says)."""
+    privacy = record.get("privacy") or {}
+    if swept_epsilon(record) is None or privacy.get("private") is False:
+        return None
+    if privacy.get(EPSILON_IS_GUARANTEE) is False:
+        return str(privacy.get("epsilon_note") or "the run's privacy report says its epsilon is not a guarantee")
+    for key, value in privacy.items():
+        if isinstance(value, Mapping) and value.get("is_guarantee") is False:
+            return str(value.get("note") or f"privacy.{key} is not a guarantee")
+    unprotected = (privacy.get("covers") or {}).get("saw_private_data_without_dp") or []
+    if unprotected:
+        return "saw private data without DP: " + ", ".join(map(str, unprotected))
+    if privacy.get("seeds_secret") is False:
+        return "noise seeded from the config (privacy.reproducible=true)"
+    return None
+
+
+def steps_taken(record: Mapping[str, Any]) -> int | None:
+    """Training steps of the run: the ledger's count, or the planned steps for `privacy=none` (no ledger;
+    a run is recorded only when it finished)."""
+    privacy = record.get("privacy") or {}
+    steps = privacy.get("steps")
+    return steps if steps is not None else privacy.get("planned_steps")
+
+
+def grid_path(record: Mapping[str, Any]) -> Path | None:
+    """The run's sample grid PNG (`sampling.save_samples` writes `samples_grid.png`), if it exists."""
+    candidates = []
+    grid = (record.get("samples") or {}).get("grid")
+    if grid:
+        candidates.append(Path(grid))
+    if record.get("output_dir"):
+        candidates.append(Path(record["output_dir"]) / "samples_grid.png")
+    return next((p for p in candidates if p.is_file()), None)
