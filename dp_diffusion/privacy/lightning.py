@@ -3,9 +3,11 @@
 A method subclasses `PrivateTrainingModule` and says only what is special about
 it: which module sees private data (`private_module`), its optimizer, how a
 batch gets its random draws (`prepare_batch`), its per-example loss, and what
-the guarantee covers. Poisson sampling, calibration, per-example gradients,
-clipping, noise, accounting, the budget guard and checkpointing of the privacy
-state all happen here.
+the guarantee covers. Per-example gradients, clipping and noise happen in
+`private_step` (through the engines of `privacy/engine.py`); Poisson sampling in
+the module's loader; calibration, the budget guard, the privacy state in
+checkpoints, epsilon logging and the report in the module's `DPCallback`
+(`privacy/callback.py`), which `configure_callbacks` hands to every trainer.
 
 A method with several parts names its private parts (`private_parts`), each
 trained by its own DP-SGD engine and recorded in the ledger under its own name,
@@ -21,105 +23,43 @@ refuses a run whose privacy settings differ from the checkpoint's.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-import torch.distributed as dist
-
-from dp_diffusion.privacy.accounting import DEFAULT_MECHANISM, PrivacyLedger, epsilon_for
+from dp_diffusion.privacy.accounting import DEFAULT_MECHANISM, PrivacyLedger
+from dp_diffusion.privacy.callback import CHECKPOINT_KEY, DPCallback
 from dp_diffusion.privacy.engine import PrivateOptimization, is_distributed
 from dp_diffusion.privacy.per_example import trainable_parameters
 from dp_diffusion.privacy.randomness import NoiseStream, PrivacyRandomness
-from dp_diffusion.privacy.report import Coverage, build_report
+from dp_diffusion.privacy.report import Coverage
 from dp_diffusion.privacy.sampling import poisson_loader
-from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec, make_plan
+from dp_diffusion.privacy.spec import PrivacyPlan, PrivacySpec
 from dp_diffusion.privacy.validation import PrivacyError, check_no_batch_mixing
 
-log = logging.getLogger(__name__)
 DEFAULT_PART = "model"  # the one private part of a single-part method (`private_module()`)
-CHECKPOINT_KEY = "dp_diffusion_privacy"
-# What a resumed run must share with its checkpoint, and the config key each one comes from.
-RESUME_SETTINGS = {
-    "enabled": "privacy.enabled",
-    "epsilon": "privacy.epsilon",
-    "delta": "privacy.delta",
-    "max_grad_norm": "privacy.max_grad_norm",
-    "noise_multiplicity": "privacy.noise_multiplicity",
-    "batch_size": "train.batch_size",
-    "num_examples": "N (training examples)",
-    "accountant": "privacy.accountant",
-    "noise_multiplier": "privacy.noise_multiplier",
-    "reproducible": "privacy.reproducible",
-    "secure_mode": "privacy.secure_mode",
-}
-
-
-def resume_settings(spec: dict[str, Any], batch_size: float | None, num_examples: int | None) -> dict[str, Any]:
-    """The settings a resume compares (`RESUME_SETTINGS`), from a spec's fields and the batch/data sizes."""
-    values = {**spec, "batch_size": batch_size, "num_examples": num_examples}
-    return {key: values.get(key, False if key in ("reproducible", "secure_mode") else None)
-            for key in RESUME_SETTINGS}
-
-
-def check_resume_settings(stored: dict[str, Any], given: dict[str, Any]) -> None:
-    """Raise PrivacyError, in one line naming each differing key, unless the run asks what the checkpoint used.
-
-    Planned steps may differ: the budget guard stops a run that asks for more.
-    A key unknown on either side (None) is not compared.
-    """
-
-    def text(value: Any) -> str:
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    differing = [key for key in RESUME_SETTINGS
-                 if stored.get(key) is not None and given.get(key) is not None and stored[key] != given[key]]
-    if differing:
-        was = ", ".join(f"{RESUME_SETTINGS[k]}={text(stored[k])}" for k in differing)
-        asks = ", ".join(f"{RESUME_SETTINGS[k]}={text(given[k])}" for k in differing)
-        raise PrivacyError(f"resume: checkpoint was trained with {was}; this run asks {asks}: "
-                           "resume with the same privacy settings or start a new run")
-
-
-def max_steps_within_budget(plan: PrivacyPlan, spec: PrivacySpec, mechanisms: int = 1) -> int:
-    """Logical steps the run may take: the planned ones, or fewer if they would exceed the target.
-
-    Stopping at the plan is deliberate: sigma was calibrated for it, and a later
-    override of the step count must not silently spend more. With `mechanisms`
-    private parts each taking one step at (sigma, q) per logical step, n logical
-    steps compose k*n identical steps: the ledger's composed epsilon after n logical
-    steps is exactly `epsilon_for(sigma, q, k*n)` (composition does not depend on order).
-    """
-
-    def within(n: int) -> bool:
-        return epsilon_for(plan.noise_multiplier, plan.sample_rate, n * mechanisms, spec.delta,
-                           plan.accountant) <= spec.epsilon
-
-    if within(plan.steps):
-        return plan.steps
-    low, high = 0, plan.steps  # within(low) holds, within(high) does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if within(mid) else (low, mid)
-    return low
 
 
 class PrivateTrainingModule(L.LightningModule):
     """Manual-optimization LightningModule whose private gradients go through the privacy core.
+
+    The run's privacy state (plan, ledger, guard, randomness) lives in `self.dp`, the module's
+    `DPCallback`; `plan`, `ledger`, `allowed_steps`, `stopped_by_budget`, `randomness`, `noise` and
+    `rounds_taken` read it, and `ensure_plan`, `logical_steps`, `epsilon_spent`, `check_resume` and
+    `privacy_report` delegate to it. A subclass that overrides `configure_callbacks` returns
+    `super().configure_callbacks()` among its own.
 
     `keep_privacy_rng_in_checkpoint`: set it to False before writing a checkpoint
     to release (e.g. `final.ckpt`): the secret the masks and the noise are
     derived from is then left out (with it, anyone could regenerate past noise).
     A run resumed from such a checkpoint draws fresh entropy and logs that it did.
     """
-
-    keep_privacy_rng_in_checkpoint: bool = True
 
     def __init__(
         self,
@@ -139,18 +79,8 @@ class PrivateTrainingModule(L.LightningModule):
         self.seed = seed
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
-        self.plan: PrivacyPlan | None = None
-        self.allowed_steps: int | None = None
-        self.ledger = PrivacyLedger(delta=privacy.delta, accountant=privacy.accountant)
-        self.stopped_by_budget = False
+        self.dp = DPCallback(privacy, batch_size, steps, seed)
         self._engines: dict[str, PrivateOptimization] = {}
-        # Privacy randomness: made when training starts (or restored from a checkpoint), never logged.
-        self.randomness: PrivacyRandomness | None = None
-        self.noise = NoiseStream(None)
-        self.rounds_taken = 0  # Poisson rounds handed to training_step: the mask stream's counter
-        self._stored_randomness: dict[str, Any] | None = None
-        self._pending_rng: dict[str, Any] | None = None
-        self._epsilon_cache: tuple[int, float] | None = None
 
     # ---- what a method provides -------------------------------------------------
     def private_module(self) -> nn.Module:
@@ -191,7 +121,81 @@ class PrivateTrainingModule(L.LightningModule):
         the run's `name/` folder. Default: nothing to do.
         """
 
+    # ---- the privacy state (held by the DP callback) -------------------------------
+    @property
+    def plan(self) -> PrivacyPlan | None:
+        return self.dp.plan
+
+    @plan.setter
+    def plan(self, value: PrivacyPlan | None) -> None:
+        self.dp.plan = value
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return self.dp.ledger
+
+    @property
+    def allowed_steps(self) -> int | None:
+        return self.dp.allowed_steps
+
+    @allowed_steps.setter
+    def allowed_steps(self, value: int | None) -> None:
+        self.dp.allowed_steps = value
+
+    @property
+    def stopped_by_budget(self) -> bool:
+        return self.dp.stopped_by_budget
+
+    @stopped_by_budget.setter
+    def stopped_by_budget(self, value: bool) -> None:
+        self.dp.stopped_by_budget = value
+
+    @property
+    def keep_privacy_rng_in_checkpoint(self) -> bool:
+        return self.dp.keep_rng_in_checkpoint
+
+    @keep_privacy_rng_in_checkpoint.setter
+    def keep_privacy_rng_in_checkpoint(self, value: bool) -> None:
+        self.dp.keep_rng_in_checkpoint = value
+
+    @property
+    def randomness(self) -> PrivacyRandomness | None:
+        return self.dp.randomness
+
+    @property
+    def noise(self) -> NoiseStream:
+        return self.dp.noise
+
+    @property
+    def rounds_taken(self) -> int:
+        return self.dp.rounds_taken
+
+    def ensure_plan(self) -> PrivacyPlan:
+        """Calibrate sigma once (`DPCallback.ensure_plan`)."""
+        return self.dp.ensure_plan(self)
+
+    def logical_steps(self) -> int:
+        """Logical DP steps taken by this run's private parts (`DPCallback.logical_steps`)."""
+        return self.dp.logical_steps(self)
+
+    def epsilon_spent(self) -> float:
+        """The headline epsilon, as logged (`DPCallback.epsilon_spent`)."""
+        return self.dp.epsilon_spent(self.trainer, self)
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Raise PrivacyError if `checkpoint`'s privacy settings differ from this run's.
+
+        Lightning checks on load; a caller may call it on a loaded checkpoint before `fit` to fail earlier.
+        """
+        self.dp.check_resume(checkpoint, self)
+
+    def privacy_report(self) -> dict[str, Any]:
+        return self.dp.report(self)
+
     # ---- plumbing ---------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        return [self.dp]
+
     def attach_private_data(self, dataset: Dataset) -> None:
         self.train_set = dataset
 
@@ -200,52 +204,10 @@ class PrivateTrainingModule(L.LightningModule):
         checkpoints and reports written before parts were named), else the part's name."""
         return DEFAULT_MECHANISM if list(self.private_parts()) == [DEFAULT_PART] else part
 
-    def ensure_plan(self) -> PrivacyPlan:
-        """Calibrate sigma once. With k private parts, each taking one step per logical step at the same
-        (sigma, q), sigma is calibrated for k*planned steps: the composition of k mechanisms of n identical
-        steps is one mechanism of k*n steps. `plan.steps` stays in logical steps."""
-        parts = len(self.private_parts())
-        if self.plan is None:
-            if self.train_set is None:
-                raise RuntimeError("attach_private_data(dataset) must be called before training")
-            self.plan = make_plan(self.privacy_spec, len(self.train_set), self.batch_size,
-                                  self.planned_steps * parts)
-            if parts > 1:
-                self.plan = replace(self.plan, steps=self.planned_steps)
-        # One epsilon: the accountant that calibrated sigma (RDP where PRV could not) also guards and reports.
-        self.ledger.accountant = self.plan.accountant
-        if self.allowed_steps is None:
-            spec = replace(self.privacy_spec, accountant=self.plan.accountant)
-            self.allowed_steps = (max_steps_within_budget(self.plan, spec, mechanisms=parts) if spec.enabled
-                                  else self.plan.steps)
-        return self.plan
-
-    def ensure_randomness(self) -> PrivacyRandomness:
-        """The run's privacy randomness: restored from the checkpoint, or fresh (all ranks must call this)."""
-        if self.randomness is None:
-            spec = self.privacy_spec
-            self.randomness = PrivacyRandomness.for_run(spec.secure_mode, spec.reproducible, self.seed)
-            if self._stored_randomness is not None:
-                self._restore_randomness(self._stored_randomness)
-            self.randomness.share_from_rank0()
-            self.noise.source = self.randomness
-        return self.randomness
-
-    def _restore_randomness(self, state: dict[str, Any]) -> None:
-        self.rounds_taken = state["rounds_taken"]
-        self.noise.steps_drawn = state["noise_steps"]
-        if self.randomness is None:
-            return  # restored by ensure_randomness
-        if state.get("secret") is not None:
-            self.randomness.load_state_dict(state)
-        elif self.randomness.kind == "entropy":
-            log.warning("resume: the checkpoint holds no privacy generator state (a released checkpoint); "
-                        "the Poisson masks and the noise continue from fresh OS entropy")
-
     def configure_optimizers(self) -> Optimizer | list[Optimizer]:
         """One DP optimizer per private part (all drawing from the run's noise stream), then the public ones."""
         plan = self.ensure_plan()
-        self.ensure_randomness()
+        self.dp.ensure_randomness()
         self._engines = {}
         for part, module in self.private_parts().items():
             if self.privacy_spec.enabled:
@@ -260,45 +222,14 @@ class PrivateTrainingModule(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         plan = self.ensure_plan()
-        return poisson_loader(self.train_set, plan.sample_rate, self.ensure_randomness(),
+        return poisson_loader(self.train_set, plan.sample_rate, self.dp.ensure_randomness(),
                               start_round=self.rounds_taken, num_workers=self.num_workers)
 
-    def on_train_start(self) -> None:
-        # Gradients are all-reduced by the DP optimizer after clipping and noise,
-        # not by DDP's reducer (whose buckets would need equal chunk counts per rank).
-        ddp = self.trainer.model
-        if hasattr(ddp, "require_backward_grad_sync"):
-            ddp.require_backward_grad_sync = False
-
-    def logical_steps(self) -> int:
-        """Logical DP steps taken: the most steps any of this run's private parts has taken (each takes one
-        per logical step); mechanisms recorded from elsewhere (a DP teacher's history) do not count."""
-        return max((self.ledger.steps_of(self.mechanism_name(part)) for part in self.private_parts()), default=0)
-
-    def budget_exhausted(self) -> bool:
-        """True when one more logical step would take the composed epsilon of all parts past the target."""
-        return self.privacy_spec.enabled and self.logical_steps() >= (self.allowed_steps or 0)
-
     def start_logical_step(self) -> bool:
-        """Start of every `training_step`: count the Poisson round, continue the global generators on
-        resume, and apply the budget guard. False: the budget is spent, take no step (training stops)."""
-        self.rounds_taken += 1
-        if self._pending_rng is not None:
-            # Restored here, not on load: between load and the first step Lightning
-            # builds the loader and prefetches, which must not shift the stream.
-            restore_global_rng(self._pending_rng, rank=self.global_rank)
-            self._pending_rng = None
-        if self.budget_exhausted():
-            if not self.stopped_by_budget:
-                log.warning(
-                    "privacy budget guard: %d steps taken; one more would exceed epsilon=%g. Stopping.",
-                    self.logical_steps(),
-                    self.privacy_spec.epsilon,
-                )
-            self.stopped_by_budget = True
-            self.trainer.should_stop = True
-            return False
-        return True
+        """Start of every `training_step`: False when the DP callback's budget guard refused this batch (the
+        budget is spent, training stops): take no step. The callback counted the Poisson round and, on
+        resume, continued the global generators before the step (`DPCallback.open_step`)."""
+        return self.dp.step_allowed
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if not self.start_logical_step():
@@ -317,6 +248,9 @@ class PrivateTrainingModule(L.LightningModule):
         the trainer's step count); further parts step their DP optimizer directly, because Lightning counts
         one global step per wrapped optimizer step and `trainer.max_steps` is in logical steps.
         """
+        if not self.dp.step_allowed:
+            raise PrivacyError("private_step after the budget guard refused the batch: training_step must "
+                               "return when start_logical_step() is False")
         engine = self._engines[part]
         first = next(iter(self._engines)) == part
         optimizer = self._wrapped(engine.optimizer) if first else engine.optimizer
@@ -326,7 +260,7 @@ class PrivateTrainingModule(L.LightningModule):
         """One ordinary step of a non-private part: gradients of `loss` for `optimizer`'s parameters only
         (so a private part's .grad is untouched), averaged across ranks, then the optimizer's step.
 
-        Averaged here by hand: `on_train_start` turned DDP's reducer off (require_backward_grad_sync=False)
+        Averaged here by hand: the DP callback turned DDP's reducer off (require_backward_grad_sync=False)
         so that private gradients are summed only after clipping and noise; the public parts must not lose
         the all-reduce with it. Stepped directly, not through Lightning's wrapper, so that the trainer's
         step count stays one per logical step. Returns the detached loss.
@@ -345,11 +279,9 @@ class PrivateTrainingModule(L.LightningModule):
         return loss.detach()
 
     def log_step(self, stats: dict[str, Tensor], prefix: str = "train") -> None:
-        """Log a private step's statistics and the headline epsilon."""
+        """Log a private step's statistics (the DP callback logs the headline epsilon after the step)."""
         for name, value in stats.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", batch_size=1)
-        if self.privacy_spec.enabled:
-            self.log("privacy/epsilon", self.epsilon_spent(), prog_bar=True, batch_size=1)
 
     def _wrapped(self, optimizer: Optimizer) -> Any:
         """Lightning's wrapper of `optimizer` when a trainer is attached, else `optimizer` itself."""
@@ -361,98 +293,15 @@ class PrivateTrainingModule(L.LightningModule):
                 return wrapper
         return optimizer
 
-    def epsilon_spent(self) -> float:
-        """The headline epsilon (`PrivacyLedger.headline`), the number the report gives too.
-
-        Recomputed on the trainer's logging steps and the last step only: PRV takes
-        about 0.17 s for a 600-step history on a 2-core CPU, a third of a DPDM step;
-        in between the progress bar shows the value of the last logging step.
-        """
-        every = max(1, self.trainer.log_every_n_steps)
-        steps = self.logical_steps()
-        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else steps
-        last = steps >= min(self.allowed_steps or steps, max_steps)
-        if self._epsilon_cache is None or steps % every == 0 or last or self._epsilon_cache[0] > steps:
-            self._epsilon_cache = (steps, self.ledger.epsilon())
-        return self._epsilon_cache[1]
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "spec": asdict(self.privacy_spec),
-            "plan": self.plan.to_dict() if self.plan else None,
-            "allowed_steps": self.allowed_steps,
-            "ledger": self.ledger.state_dict(),
-            "stopped_by_budget": self.stopped_by_budget,
-            "settings": self.resume_settings(),
-            "randomness": self._randomness_state(),
-            "global_rng": global_rng_state(),
-        }
-
-    def resume_settings(self) -> dict[str, Any]:
-        """This run's values of the settings a resume must share (`RESUME_SETTINGS`)."""
-        num_examples = len(self.train_set) if self.train_set is not None else None
-        return resume_settings(asdict(self.privacy_spec), self.batch_size, num_examples)
-
-    def _randomness_state(self) -> dict[str, Any]:
-        """Counters always; the secret only if kept, and never for secure mode (nothing to store)."""
-        randomness = self.randomness  # None before training starts: nothing drawn yet
-        keep = randomness is not None and randomness.checkpointable and self.keep_privacy_rng_in_checkpoint
-        return {"kind": randomness.kind if randomness else None, "secret": randomness.secret if keep else None,
-                "rounds_taken": self.rounds_taken, "noise_steps": self.noise.steps_drawn}
-
-    def check_resume(self, checkpoint: dict[str, Any]) -> None:
-        """Raise PrivacyError if `checkpoint`'s privacy settings differ from this run's (see `check_resume_settings`).
-
-        Lightning calls it on load; a caller may call it on a loaded checkpoint before `fit` to fail earlier.
-        """
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            return
-        plan = state.get("plan") or {}
-        stored = state.get("settings") or resume_settings(
-            state["spec"], plan.get("expected_batch_size"), plan.get("num_examples"))
-        check_resume_settings(stored, self.resume_settings())
+        # The DP callback wrote the privacy state already, except in a weights-only checkpoint: Lightning
+        # calls callbacks' on_save_checkpoint only for full ones (checkpoint_connector.dump_checkpoint,
+        # `if not weights_only`), then this hook always.
+        if CHECKPOINT_KEY not in checkpoint:
+            self.dp.save_state(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            return
-        self.check_resume(checkpoint)
-        # sigma is calibrated once and stored: a resumed run keeps it.
-        self.plan = PrivacyPlan(**state["plan"]) if state["plan"] else None
-        self.allowed_steps = state["allowed_steps"]
-        self.ledger.load_state_dict(state["ledger"])
-        if self.plan is not None:
-            self.ledger.accountant = self.plan.accountant
-        self.stopped_by_budget = state["stopped_by_budget"]
-        if "randomness" in state:
-            self._stored_randomness = state["randomness"]
-            self._restore_randomness(state["randomness"])
-        self._pending_rng = state.get("global_rng")
-
-    def privacy_report(self) -> dict[str, Any]:
-        return build_report(self.privacy_spec, self.ensure_plan(), self.ledger, self.privacy_coverage(),
-                            self.stopped_by_budget, steps=self.logical_steps())
-
-
-
-def global_rng_state() -> dict[str, Any]:
-    """torch's global CPU (and, if initialised, CUDA) generator states: the step's other draws."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_global_rng(state: dict[str, Any], rank: int = 0) -> None:
-    """Continue the global generators from `global_rng_state()` (CUDA only on as many devices as stored).
-
-    Only rank 0's states are stored; other ranks continue from a seed drawn from them and offset by their
-    rank, so their diffusion draws stay distinct from rank 0's (these draws protect no privacy).
-    """
-    torch.set_rng_state(state["cpu"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    if rank > 0:
-        torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + rank)
+        # Inside a trainer's fit the DP callback restores the privacy state (Lightning calls this hook, then
+        # the callbacks'); outside one (e.g. `sample.load_trained` calling this hook by hand) this does.
+        if not self.dp.in_fit:
+            self.dp.load_state(checkpoint, self)
