@@ -1,112 +1,185 @@
-"""Validation of a composed config, before any data is loaded or model built.
+"""How every config value is checked: one `ConfigError` line naming the dotted key, the value and what is allowed.
 
-Every user mistake becomes one `ConfigError` line naming the key, the value
-and what is allowed.
+    privacy.epsilon must be a finite number > 0, got -1
+
+The pieces, used the same way by every module that reads a config block:
+
+- `require(ok, key, value, allowed)`: the one place the message is written.
+- `Rule`: a check and the words for what it allows (`integer(1)`, `number(0)`, `one_of(...)`, `BOOL`,
+  `optional(...)`); `check_rules(block, rules, prefix)` applies a table of them to a block.
+- `Settings`: the base of a frozen dataclass read from one config block. `from_config` rejects unknown
+  keys, fills the defaults and validates each field against the class's `RULES`; a subclass adds checks
+  that span fields in `validate` with `self.require`.
+
+This module imports nothing from `dp_diffusion`, so the data, privacy and method modules can all use it
+without an import cycle. The checks of a whole composed run config (which need the registries of those
+modules) are in :mod:`dp_diffusion.run_config`; `validate_config`, `validate_privacy`, `validate_training`
+and `validate_sampling` are still importable from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
-from omegaconf import DictConfig
-
-from dp_diffusion.data.registry import UnknownDatasetError, dataset_info
-from dp_diffusion.diffusion.samplers import SAMPLERS
-from dp_diffusion.methods import METHODS
-from dp_diffusion.privacy.accounting import ACCOUNTANTS
-from dp_diffusion.privacy.per_example import GRAD_MODES
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     """A config value the user has to change."""
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `ConfigError("<key> must be <allowed>, got <value!r>")` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's true is not 1 here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate_privacy(privacy: DictConfig, num_examples: int) -> None:
-    """Checks of `privacy.*` that hold for every method."""
-    _require(isinstance(privacy.enabled, bool), "privacy.enabled", privacy.enabled, "true or false")
-    k = privacy.noise_multiplicity
-    _require(_is_int(k) and k >= 1, "privacy.noise_multiplicity", k, "an integer >= 1")
-    _require(privacy.grad_mode in GRAD_MODES, "privacy.grad_mode", privacy.grad_mode, f"one of {GRAD_MODES}")
-    for key in ("secure_mode", "reproducible"):
-        value = privacy.get(key, False)
-        _require(isinstance(value, bool), f"privacy.{key}", value, "true or false")
-    if privacy.get("secure_mode", False) and privacy.get("reproducible", False):
-        raise ConfigError("privacy.reproducible=true seeds the noise from the config's seed and "
-                          "privacy.secure_mode=true draws it from the OS: set at most one of them")
-    if not privacy.enabled:
-        return
-    eps = privacy.epsilon
-    _require(_is_number(eps) and 0 < eps < math.inf, "privacy.epsilon", eps, "a finite number > 0")
-    delta = privacy.delta
-    _require(_is_number(delta) and 0 < delta < 1, "privacy.delta", delta, "in (0, 1)")
-    _require(
-        delta < 1 / num_examples,
-        "privacy.delta",
-        delta,
-        f"< 1/N = {1 / num_examples:.3g} for N={num_examples} training examples (delta >= 1/N allows "
-        "releasing whole records)",
-    )
-    c = privacy.max_grad_norm
-    _require(_is_number(c) and 0 < c < math.inf, "privacy.max_grad_norm", c, "a finite number > 0")
-    _require(privacy.accountant in ACCOUNTANTS, "privacy.accountant", privacy.accountant, f"one of {ACCOUNTANTS}")
-    sigma = privacy.noise_multiplier
-    _require(sigma is None or (_is_number(sigma) and sigma > 0), "privacy.noise_multiplier", sigma,
-             "null (calibrate from epsilon) or a number > 0")
+@dataclass(frozen=True)
+class Rule:
+    """What one config value may be: a predicate and the words for it ("an integer >= 1")."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+    def check(self, key: str, value: Any) -> None:
+        require(self.ok(value), key, value, self.allowed)
 
 
-def validate_training(train: DictConfig, num_examples: int) -> None:
-    b = train.batch_size
-    _require(_is_int(b) and 1 <= b <= num_examples, "train.batch_size", b,
-             f"an integer in [1, N={num_examples}] (the data set size)")
-    pb = train.physical_batch_size
-    _require(_is_int(pb) and pb >= 1, "train.physical_batch_size", pb, "an integer >= 1")
-    if train.steps is None:
-        _require(_is_number(train.epochs) and train.epochs > 0, "train.epochs", train.epochs, "a number > 0")
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Rule:
+    """An integer in [low, high] (either end open when None)."""
+    if low is not None and high is not None:
+        allowed = f"an integer in [{low}, {high}]"
+    elif low is not None:
+        allowed = f"an integer >= {low}"
+    elif high is not None:
+        allowed = f"an integer <= {high}"
     else:
-        _require(_is_int(train.steps) and train.steps >= 1, "train.steps", train.steps, "null or an integer >= 1")
-    every = train.checkpoint_every_n_steps
-    _require(_is_int(every) and every >= 1, "train.checkpoint_every_n_steps", every, "an integer >= 1")
+        allowed = "an integer"
+    return Rule(lambda v: is_int(v) and (low is None or v >= low) and (high is None or v <= high),
+                allowed)
 
 
-def validate_sampling(sample: DictConfig, guidance_from_checkpoint: bool = False) -> None:
-    """`guidance_from_checkpoint`: a null guidance_scale means "as the checkpoint's training run sampled"."""
-    _require(sample.sampler in SAMPLERS, "sample.sampler", sample.sampler, f"one of {sorted(SAMPLERS)}")
-    _require(_is_int(sample.num_steps) and sample.num_steps >= 1, "sample.num_steps", sample.num_steps,
-             "an integer >= 1")
-    _require(_is_int(sample.num_samples) and sample.num_samples >= 0, "sample.num_samples", sample.num_samples,
-             "an integer >= 0")
-    _require(_is_int(sample.batch_size) and sample.batch_size >= 1, "sample.batch_size", sample.batch_size,
-             "an integer >= 1")
-    if not (guidance_from_checkpoint and sample.guidance_scale is None):
-        _require(_is_number(sample.guidance_scale), "sample.guidance_scale", sample.guidance_scale,
-                 "a number" + (" or null (the training run's)" if guidance_from_checkpoint else ""))
+def number(above: float | None = None, below: float | None = None, finite: bool = False,
+           at_least: float | None = None) -> Rule:
+    """A number > `above` (or >= `at_least`) and < `below`; `finite` excludes inf (and says so)."""
+    words = "a finite number" if finite else "a number"
+    if at_least is not None and below is not None:
+        allowed = f"in [{at_least:g}, {below:g})"
+    elif above is not None and below is not None:
+        allowed = f"in ({above:g}, {below:g})"
+    elif above is not None:
+        allowed = f"{words} > {above:g}"
+    elif at_least is not None:
+        allowed = f"{words} >= {at_least:g}"
+    else:
+        allowed = words
+
+    def ok(v: Any) -> bool:
+        return (is_number(v) and not math.isnan(v) and (not finite or math.isfinite(v))
+                and (above is None or v > above) and (at_least is None or v >= at_least)
+                and (below is None or v < below))
+
+    return Rule(ok, allowed)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid value in a training config."""
-    _require(cfg.method.name in METHODS, "method.name", cfg.method.name, f"one of {sorted(METHODS)}")
-    try:
-        info = dataset_info(cfg.data.name)
-    except UnknownDatasetError as err:
-        raise ConfigError(str(err)) from None
-    validate_privacy(cfg.privacy, info.num_train)
-    validate_training(cfg.train, info.num_train)
-    validate_sampling(cfg.sample)
-    conditional = cfg.method.get("conditional", False) and info.num_classes > 0
-    if cfg.sample.guidance_scale != 0 and conditional and not cfg.diffusion.get("label_dropout", 0) > 0:
-        raise ConfigError(f"sample.guidance_scale must be 0 when diffusion.label_dropout is 0 (guidance needs the "
-                          f"label-dropped model), got {cfg.sample.guidance_scale}")
+def one_of(choices: Iterable[Any]) -> Rule:
+    """One of `choices`; the message shows them as given (a tuple, or a sorted list)."""
+    shown = choices if isinstance(choices, (tuple, list)) else sorted(choices)
+    return Rule(lambda v: v in shown, f"one of {shown}")
+
+
+def optional(rule: Rule, null: str = "null") -> Rule:
+    """None, or what `rule` allows; `null` says what None means ("null (all)")."""
+    return Rule(lambda v: v is None or rule.ok(v), f"{null} or {rule.allowed}")
+
+
+def check_rules(block: Mapping[str, Any] | DictConfig, rules: Mapping[str, Rule], prefix: str,
+                defaults: Mapping[str, Any] | None = None) -> None:
+    """Check `block[key]` against each rule, naming it `<prefix>.<key>`; a key missing from the block takes
+    its value from `defaults` (missing there too: None)."""
+    defaults = defaults or {}
+    for key, rule in rules.items():
+        rule.check(f"{prefix}.{key}", block.get(key, defaults.get(key)))
+
+
+def check_keys(values: Iterable[str], known: Iterable[str], prefix: str) -> None:
+    """ConfigError naming the first unknown keys of block `prefix` and the known ones."""
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix} has unknown keys {unknown}; known: {known}")
+
+
+def to_plain(cfg: Any) -> Any:
+    """A (resolved) plain dict or list of a DictConfig / ListConfig; other values as they are."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {key: to_plain(value) for key, value in cfg.items()}
+    return cfg
+
+
+S = TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Base of a frozen dataclass read from one config block (subclasses are `@dataclass(frozen=True)`).
+
+    `KEY` is the block's dotted key ("method.module.synthetic"); `RULES` maps field names to their `Rule`.
+    """
+
+    KEY: ClassVar[str] = ""
+    RULES: ClassVar[Mapping[str, Rule]] = {}
+
+    @classmethod
+    def from_config(cls: type[S], cfg: Mapping[str, Any] | DictConfig | None) -> S:
+        """The settings of block `cfg` (None: all defaults); ConfigError for an unknown key or a bad value."""
+        values = {} if cfg is None else to_plain(cfg)
+        check_keys(values, [f.name for f in dataclasses.fields(cls)], cls.KEY)  # type: ignore[arg-type]
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check every field that has a rule; subclasses extend it with checks that span fields."""
+        for name, rule in self.RULES.items():
+            rule.check(self.key(name), getattr(self, name))
+
+    def key(self, name: str) -> str:
+        """The dotted key of field `name`."""
+        return f"{self.KEY}.{name}" if self.KEY else name
+
+    def require(self, ok: bool, name: str, allowed: str) -> None:
+        """`require` for field `name` of this block."""
+        require(ok, self.key(name), getattr(self, name), allowed)
+
+
+_MOVED = ("validate_config", "validate_privacy", "validate_training", "validate_sampling")
+
+
+def __getattr__(name: str) -> Any:
+    # The run-config checks import the registries of data, diffusion, privacy and methods, which import this
+    # module: they live in dp_diffusion.run_config and are forwarded here for the modules that import them
+    # from dp_diffusion.config (the one allowed lazy import, see tests/test_imports.py).
+    if name in _MOVED:
+        from dp_diffusion import run_config
+
+        return getattr(run_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -101,3 +101,62 @@ def test_sample_and_evaluate_guidance_defaults_to_the_training_runs():
     assert with_training_guidance(sample_cfg, old_run).guidance_scale == 0.0
     with pytest.raises(ConfigError, match="sample.guidance_scale must be a number, got None"):
         validate_sampling(sample_cfg)  # a training config must say it
+
+
+# --- the shared checks (dp_diffusion.config) -------------------------------------------------------
+def test_rules_say_what_is_allowed():
+    from dp_diffusion.config import BOOL, integer, number, one_of, optional
+
+    cases = [
+        (integer(1), 0, "an integer >= 1"), (integer(1), True, "an integer >= 1"),
+        (integer(0, 3), 4, "an integer in [0, 3]"), (number(above=0, finite=True), float("inf"), "a finite number > 0"),
+        (number(above=0, below=1), 1, "in (0, 1)"), (number(at_least=0, below=0.5), 0.5, "in [0, 0.5)"),
+        (number(), float("nan"), "a number"), (BOOL, 1, "true or false"),
+        (one_of(("prv", "rdp")), "moments", "one of ('prv', 'rdp')"),
+        (optional(integer(1), "null (all)"), 0, "null (all) or an integer >= 1"),
+    ]
+    for rule, bad, allowed in cases:
+        with pytest.raises(ConfigError) as err:
+            rule.check("block.key", bad)
+        assert str(err.value) == f"block.key must be {allowed}, got {bad!r}"
+    for rule, good in [(integer(1), 1), (number(above=0), 1e-9), (BOOL, False), (optional(integer(1)), None)]:
+        rule.check("block.key", good)
+
+
+def test_settings_reject_unknown_keys_and_name_the_dotted_key():
+    from dataclasses import dataclass
+
+    from omegaconf import OmegaConf
+
+    from dp_diffusion.config import Settings, integer, number
+
+    @dataclass(frozen=True)
+    class Stage(Settings):
+        KEY = "method.module.stage"
+        RULES = {"steps": integer(1), "lr": number(above=0)}
+        steps: int = 10
+        batch_size: int = 4
+        lr: float = 1e-3
+
+        def validate(self) -> None:
+            super().validate()
+            self.require(self.batch_size <= self.steps, "batch_size", f"<= steps = {self.steps}")
+
+    assert Stage.from_config(None) == Stage() and Stage.from_config(OmegaConf.create({"steps": 5})).steps == 5
+    with pytest.raises(ConfigError, match=r"^method.module.stage has unknown keys \['stpes'\]; known: "
+                                          r"\['batch_size', 'lr', 'steps'\]$"):
+        Stage.from_config({"stpes": 5})
+    with pytest.raises(ConfigError, match=r"^method.module.stage.lr must be a number > 0, got -1$"):
+        Stage.from_config({"lr": -1})
+    with pytest.raises(ConfigError, match=r"^method.module.stage.batch_size must be <= steps = 2, got 4$"):
+        Stage.from_config({"steps": 2})
+
+
+def test_validators_are_still_importable_from_config():
+    import dp_diffusion.config as config
+    import dp_diffusion.run_config as run_config
+
+    for name in ("validate_config", "validate_privacy", "validate_training", "validate_sampling"):
+        assert getattr(config, name) is getattr(run_config, name)
+    with pytest.raises(AttributeError):
+        config.validate_everything  # noqa: B018
