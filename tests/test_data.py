@@ -80,6 +80,23 @@ def test_bad_loader_settings_are_rejected() -> None:
         build_datamodule("digits", num_workers=-1)
 
 
+def test_bad_settings_are_one_line_config_errors() -> None:
+    from dp_diffusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data.num_workers must be an integer >= 0, got -1$"):
+        build_datamodule("digits", num_workers=-1)
+    with pytest.raises(ConfigError, match=r"^data.download must be true or false, got 'yes'$"):
+        build_datamodule("digits", download="yes")
+    with pytest.raises(ConfigError, match="data.name must be one of"):  # UnknownDatasetError is a ConfigError
+        build_datamodule("imagenet")
+
+
+def test_build_datamodule_is_one_function_wherever_it_is_imported() -> None:
+    from dp_diffusion.data import datamodule, registry
+
+    assert build_datamodule is datamodule.build_datamodule is registry.build_datamodule
+
+
 # --- embedded sets: mnist5k and digits ----------------------------------------
 
 

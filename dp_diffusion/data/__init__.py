@@ -1,9 +1,11 @@
 """Data sets: a static registry (no I/O) and Lightning datamodules.
 
-``ImageDataModule`` is imported lazily so that config validation through
-:func:`dataset_info` does not pay for importing lightning and torchvision.
+``ImageDataModule`` and ``build_datamodule`` are imported lazily so that config
+validation through :func:`dataset_info` does not pay for importing lightning and
+torchvision.
 """
 
+import importlib
 from typing import Any
 
 from dp_diffusion.data.registry import (
@@ -11,7 +13,6 @@ from dp_diffusion.data.registry import (
     DatasetNotFoundError,
     UnknownDatasetError,
     available_datasets,
-    build_datamodule,
     dataset_info,
 )
 
@@ -27,8 +28,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ImageDataModule":
-        from dp_diffusion.data.datamodule import ImageDataModule
-
-        return ImageDataModule
+    if name in ("ImageDataModule", "build_datamodule"):
+        return getattr(importlib.import_module("dp_diffusion.data.datamodule"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dp_diffusion.config import BOOL, integer
 from dp_diffusion.data.datasets import InMemoryImages
 from dp_diffusion.data.registry import DatasetInfo, dataset_info
 from dp_diffusion.data.sources import SOURCES, load_split, prepare_files
@@ -35,10 +36,9 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.info: DatasetInfo = dataset_info(name)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        integer(1).check("batch_size", batch_size)
+        integer(0).check("data.num_workers", num_workers)
+        BOOL.check("data.download", download)
         self.root = Path(root).expanduser().resolve()
         self.download = download
         self.batch_size = batch_size
@@ -121,3 +121,21 @@ class ImageDataModule(L.LightningDataModule):
                 "tensor; iterate over train_dataloader() / test_dataloader() instead"
             )
         return split.tensors()
+
+
+def build_datamodule(
+    name: str,
+    root: str | os.PathLike[str] = "data",
+    download: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> ImageDataModule:
+    """Datamodule for data set ``name`` (a ``data`` config block's keys) with files under ``root``.
+
+    Nothing is read until ``prepare_data()`` / ``setup()`` (or the first
+    access to ``train_set`` / ``test_set``).
+    """
+    return ImageDataModule(
+        name, root=root, download=download, batch_size=batch_size, num_workers=num_workers, seed=seed
+    )

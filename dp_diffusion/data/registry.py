@@ -2,17 +2,16 @@
 
 Everything here is known without touching the disk, so configs can be
 validated (image shape, number of classes, data set size) before any data is
-loaded. Loading lives in :mod:`dp_diffusion.data.sources`.
+loaded. Loading lives in :mod:`dp_diffusion.data.sources`, the datamodule and
+`build_datamodule` in :mod:`dp_diffusion.data.datamodule`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from dp_diffusion.data.datamodule import ImageDataModule
+from dp_diffusion.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class DatasetInfo:
         return self.num_classes > 0
 
 
-class UnknownDatasetError(ValueError):
+class UnknownDatasetError(ConfigError):
     """A data set name that is not in the registry."""
 
 
@@ -70,7 +69,7 @@ _DATASETS: dict[str, DatasetInfo] = {
 
 
 def available_datasets() -> list[str]:
-    """Names accepted by :func:`dataset_info` and :func:`build_datamodule`."""
+    """Names accepted by :func:`dataset_info` and `build_datamodule`."""
     return list(_DATASETS)
 
 
@@ -83,22 +82,12 @@ def dataset_info(name: str) -> DatasetInfo:
         raise UnknownDatasetError(f"unknown data set {name!r}; data.name must be one of: {known}") from None
 
 
-def build_datamodule(
-    name: str,
-    root: str | os.PathLike[str] = "data",
-    download: bool = False,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    seed: int = 0,
-) -> ImageDataModule:
-    """Datamodule for data set ``name`` with files under ``root``.
+def __getattr__(name: str) -> Any:
+    # build_datamodule lives in dp_diffusion.data.datamodule (it builds an ImageDataModule, and this module
+    # must not import Lightning); forwarded for the modules that still import it from here (the one allowed
+    # lazy import of the data package, see tests/test_imports.py). Import it from dp_diffusion.data.
+    if name == "build_datamodule":
+        from dp_diffusion.data.datamodule import build_datamodule
 
-    Nothing is read until ``prepare_data()`` / ``setup()`` (or the first
-    access to ``train_set`` / ``test_set``).
-    """
-    dataset_info(name)  # fail fast on a bad name, before importing lightning
-    from dp_diffusion.data.datamodule import ImageDataModule
-
-    return ImageDataModule(
-        name, root=root, download=download, batch_size=batch_size, num_workers=num_workers, seed=seed
-    )
+        return build_datamodule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dp_diffusion.config import ConfigError
+
 SHAPES = ("circle", "square", "oriented_square", "rectangle", "triangle", "quadrilateral")
 
 
@@ -341,13 +343,13 @@ class SyntheticImages(Dataset):
         **family_kwargs: Any,
     ) -> None:
         if family not in SYNTHETIC_FAMILIES:
-            raise ValueError(f"unknown synthetic family {family!r}; choose one of {sorted(SYNTHETIC_FAMILIES)}")
+            raise ConfigError(f"unknown synthetic family {family!r}; choose one of {sorted(SYNTHETIC_FAMILIES)}")
         if size < 1:
-            raise ValueError(f"synthetic data set size must be >= 1, got {size}")
+            raise ConfigError(f"synthetic data set size must be >= 1, got {size}")
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sides, got {tuple(image_shape)}")
         if seed < 0:
-            raise ValueError(f"synthetic seed must be >= 0, got {seed}")
+            raise ConfigError(f"synthetic seed must be >= 0, got {seed}")
         self.family = family
         self.size = int(size)
         self.image_shape = tuple(int(d) for d in image_shape)
@@ -361,8 +363,11 @@ class SyntheticImages(Dataset):
         ]
         unknown = sorted(set(self.family_kwargs) - set(options))
         if unknown:
-            raise ValueError(f"bad arguments {unknown} for synthetic family {family!r}; it takes {options}")
-        self._render(self.image_shape, np.random.default_rng(0), **self.family_kwargs)  # fail early on bad values
+            raise ConfigError(f"bad arguments {unknown} for synthetic family {family!r}; it takes {options}")
+        try:  # fail early on bad values, in one line
+            self._render(self.image_shape, np.random.default_rng(0), **self.family_kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"synthetic family {family!r} with {self.family_kwargs}: {err}") from None
 
     def __len__(self) -> int:
         return self.size
@@ -384,5 +389,5 @@ def synthetic_dataset(
     seed: int = 0,
     **kwargs: Any,
 ) -> SyntheticImages:
-    """A :class:`SyntheticImages` of a registered family; ValueError listing the families otherwise."""
+    """A :class:`SyntheticImages` of a registered family; ConfigError listing the families otherwise."""
     return SyntheticImages(family, size, image_shape, seed, **kwargs)
