@@ -11,7 +11,8 @@ Algorithm (our reading; the official runner is missing, see the reference notes 
 3. Private stage: the context model (this module's denoiser) is trained with DP-SGD on private data,
    its sigma distribution truncated to the context range: only this spends privacy budget.
 4. Sampling switches model per row by sigma (``SwitchingDenoiser``); the stage models are frozen
-   submodules of this module, so one checkpoint holds the whole released sampler.
+   submodules of this module, so one checkpoint holds the whole released sampler. ``generate`` (the
+   base's) samples through it: what differs from DPDM is only ``sampling_denoiser``.
 
 ``variant: finetune`` (the paper's "FineTune"): pretrain ONE model on all sigmas on synthetic images,
 load it into the denoiser (and its EMA), then fine-tune it with DP-SGD on all sigmas.
