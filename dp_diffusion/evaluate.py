@@ -13,7 +13,7 @@ from torch import Tensor
 from dp_diffusion.config import ConfigError, validate_sampling
 from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.metrics import BackboneUnavailableError, compute_fidelity, downstream_accuracy
-from dp_diffusion.sampling import draw_samples, load_samples, resolve_device, save_samples
+from dp_diffusion.sampling import load_samples, resolve_device, save_samples
 
 REFERENCE_SPLITS = ("train", "test")
 REAL_SAMPLES = ("real-train", "real-test")
@@ -143,8 +143,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         module = load_trained(cfg.checkpoint)
         sample_cfg = with_training_guidance(cfg.sample, module)
         data_cfg = module.run_config.data if cfg.data_from_checkpoint else cfg.data
-        images, labels = draw_samples(module.sampling_denoiser(), cfg.eval.num_samples, module.image_shape,
-                                      module.num_classes, sample_cfg, seed=cfg.seed)
+        images, labels = module.generate(cfg.eval.num_samples, sample_cfg, seed=cfg.seed)
         save_samples(images, labels, Path(cfg.checkpoint).parent.parent / "eval_samples")
         source = {"checkpoint": str(cfg.checkpoint)}
     metrics = score_samples(images, labels, data_cfg, cfg.eval, seed=cfg.seed)

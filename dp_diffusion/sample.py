@@ -11,7 +11,7 @@ from dp_diffusion.checkpoints import CheckpointError, read_checkpoint
 from dp_diffusion.config import validate_sampling
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
-from dp_diffusion.sampling import draw_samples, save_samples
+from dp_diffusion.sampling import save_samples
 
 
 def load_trained(checkpoint: str | Path) -> PrivateDiffusion:
@@ -48,9 +48,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     module = load_trained(cfg.checkpoint)
     cfg = with_training_guidance(cfg, module)
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.checkpoint).parent.parent / f"samples_{cfg.sampler}"
-    images, labels = draw_samples(
-        module.sampling_denoiser(), cfg.num_samples, module.image_shape, module.num_classes, cfg, seed=cfg.seed
-    )
+    images, labels = module.generate(cfg.num_samples, cfg, seed=cfg.seed)
     paths = save_samples(images, labels, out)
     print(f"wrote {len(images)} samples: {paths['npz']}  grid: {paths['grid']}")
     return paths

@@ -35,9 +35,16 @@ def draw_samples(
     sample_cfg: Any,
     seed: int = 0,
     disable_progress: bool = False,
+    *,
+    sigma_range: tuple[float, float],
+    device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """`num_samples` images in [-1, 1] (class-balanced labels if conditional)."""
-    device = resolve_device(sample_cfg.device)
+    """`num_samples` images in [-1, 1] (class-balanced labels if conditional) from `denoiser`, with the
+    sampler and knobs of `sample_cfg` over the noise levels `sigma_range` (the loss's
+    `sampling_sigma_range()`). `device`: where to sample; None: `sample_cfg.device`.
+
+    The building block of a method's `generate()`; `sample`, `evaluate` and `train` call that hook."""
+    device = resolve_device(sample_cfg.device if device is None else str(device))
     denoiser = denoiser.to(device).eval()
     accepted = inspect.signature(get_sampler(sample_cfg.sampler)).parameters
     knobs = {k: v for k, v in dict(sample_cfg.knobs or {}).items() if k in accepted}
@@ -53,6 +60,8 @@ def draw_samples(
         class_labels=balanced_labels(num_samples, num_classes),
         device=device,
         seed=seed,
+        sigma_min=sigma_range[0],
+        sigma_max=sigma_range[1],
         disable=disable_progress,
         **knobs,
     )

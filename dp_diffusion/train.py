@@ -32,7 +32,7 @@ from dp_diffusion.data.registry import build_datamodule, dataset_info
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.privacy.report import describe_evaluation
-from dp_diffusion.sampling import draw_samples, save_samples
+from dp_diffusion.sampling import save_samples
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +308,7 @@ def sample_and_evaluate(cfg: DictConfig, module: Any, trainer: L.Trainer, out: P
     wanted = max(cfg.sample.num_samples, cfg.eval.num_samples if cfg.eval.enabled else 0)
     if wanted == 0:
         return {}
-    images, labels = draw_samples(
-        module.sampling_denoiser(), wanted, module.image_shape, module.num_classes, cfg.sample, seed=cfg.seed
-    )
+    images, labels = module.generate(wanted, cfg.sample, seed=cfg.seed)
     paths = save_samples(images, labels, out)
     print(f"samples: {paths['npz']}  grid: {paths['grid']}")
     result: dict[str, Any] = {"samples": {k: str(v) for k, v in paths.items()}}

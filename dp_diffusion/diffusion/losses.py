@@ -61,6 +61,11 @@ class DiffusionLoss:
     """
 
     precond_cls: type[nn.Module] = EDMPrecond
+    # The sampler's noise range (EDM Table 1, "sampling": sigma in [0.002, 80], the Karras schedule's ends).
+    # DPDM samples every parameterization (EDM, v, VP, VE) over this range, so every loss here reports it;
+    # a parameterization that samples elsewhere (e.g. a latent space) overrides these two.
+    sampling_sigma_min: float = 0.002
+    sampling_sigma_max: float = 80.0
 
     def __init__(self, label_dropout: float = 0.0, num_classes: int = 0,
                  sigma_lo: float | None = None, sigma_hi: float | None = None):
@@ -90,6 +95,12 @@ class DiffusionLoss:
     def sigma_range(self) -> tuple[float, float]:
         """(sigma_min, sigma_max) default for samplers; the training range when restricted."""
         raise NotImplementedError
+
+    def sampling_sigma_range(self) -> tuple[float, float]:
+        """(sigma_min, sigma_max) of the sampler's schedule: the ends of the noise levels a sample passes
+        through. Independent of a training restriction (sigma_lo, sigma_hi): a stage model trained on part
+        of the range is sampled inside a sampler that spans all of it."""
+        return self.sampling_sigma_min, self.sampling_sigma_max
 
     def precondition(self, backbone: nn.Module) -> nn.Module:
         """Wrap a raw backbone in this parameterization's preconditioner."""

@@ -163,7 +163,8 @@ def generate(denoiser, num_samples: int, image_shape: tuple[int, ...], batch_siz
              **knobs) -> tuple[Tensor, Tensor | None]:
     """Draw ``num_samples`` images in batches; returns (images (N, C, H, W) clamped to [-1, 1], labels).
 
-    Schedule: :func:`karras_sigmas` (num_steps, sigma_min, sigma_max, rho). ``knobs`` go to the
+    Schedule: :func:`karras_sigmas` (num_steps, sigma_min, sigma_max, rho); a trained method passes its
+    loss's ``sampling_sigma_range()`` (the defaults are EDM's sampling range). ``knobs`` go to the
     sampler (``guidance_scale``, ``num_classes``, ``eta``, ``s_churn`` ...). Labels: ``class_labels``
     if given (shape (N,)); else, if ``num_classes > 0`` in knobs, balanced labels ``arange(N) % num_classes``;
     else None (unconditional). One generator seeded with ``seed`` drives latents and sampler noise.
