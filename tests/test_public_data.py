@@ -29,7 +29,7 @@ MNIST_SHAPE, CIFAR_SHAPE = dataset_info("mnist5k"), dataset_info("cifar10")
 
 
 def compose_config(*overrides: str):
-    # conf/config.yaml does not list `public` in its defaults yet: `+public=` adds the group.
+    # conf/config.yaml lists `public: none` in its defaults: `public=` picks another.
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
@@ -56,7 +56,7 @@ def test_group_has_the_public_sets() -> None:
 
 @pytest.mark.parametrize("name", PUBLIC_GROUP)
 def test_every_group_file_composes_and_validates(name: str, tmp_path: Path) -> None:
-    cfg = compose_config("data=mnist5k", f"+public={name}", f"data.root={tmp_path}")
+    cfg = compose_config("data=mnist5k", f"public={name}", f"data.root={tmp_path}")
     spec = validate_public(cfg.public, dataset_info(cfg.data.name))
     assert spec["name"] == name
     if "root" in spec:  # file-backed public sets read from data.root
@@ -68,7 +68,7 @@ def test_every_group_file_composes_and_validates(name: str, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("private", ["mnist5k", "cifar10"])
 def test_digits_in_the_private_shape(private: str) -> None:
-    cfg = compose_config(f"data={private}", "+public=digits")
+    cfg = compose_config(f"data={private}", "public=digits")
     info = dataset_info(private)
     ds = load_public(cfg.public, info)
     assert len(ds) == 1797 and ds.num_classes == 10 and ds.conditional  # split: all
@@ -138,7 +138,7 @@ def imagenet_root(tmp_path: Path) -> Path:
 
 
 def test_imagenet32_loads_in_the_cifar_shape(imagenet_root: Path) -> None:
-    cfg = compose_config("data=cifar10", "+public=imagenet32", f"data.root={imagenet_root}")
+    cfg = compose_config("data=cifar10", "public=imagenet32", f"data.root={imagenet_root}")
     ds = load_public(cfg.public, CIFAR_SHAPE)
     images, labels = first(ds, len(ds))
     assert ds.num_classes == 1000 and labels.tolist() == [0, 1, 6, 7, 8, 999]  # batch order 1, 2, 10; 1-based
@@ -182,7 +182,7 @@ def test_cifar10_public_through_the_registry(tmp_path: Path) -> None:
         data = np.zeros((2, 3 * 32 * 32), dtype=np.uint8)
         data[:, :1024] = 255  # pure red
         (folder / filename).write_bytes(pickle.dumps({"data": data, "labels": [k, k]}))
-    cfg = compose_config("data=mnist5k", "+public=cifar10", f"data.root={tmp_path}")
+    cfg = compose_config("data=mnist5k", "public=cifar10", f"data.root={tmp_path}")
     with pytest.warns(UserWarning, match="official split"):
         ds = load_public(cfg.public, MNIST_SHAPE)
     images, labels = first(ds, len(ds))
@@ -228,7 +228,7 @@ def test_public_overlapping_private_is_refused(public: str, private: str, says: 
 
 
 def test_refused_before_reading_and_through_hydra() -> None:
-    cfg = compose_config("data=digits", "+public=digits")
+    cfg = compose_config("data=digits", "public=digits")
     with pytest.raises(ConfigError) as excinfo:
         load_public(cfg.public, dataset_info(cfg.data.name))
     assert "is the private data set" in one_line_config_error(excinfo)
@@ -241,7 +241,7 @@ def test_disjoint_pairs_are_allowed() -> None:
 
 
 def test_none_validates_but_does_not_load() -> None:
-    cfg = compose_config("+public=none")
+    cfg = compose_config("public=none")
     assert validate_public(cfg.public, MNIST_SHAPE) == {"name": "none"}
     with pytest.raises(ConfigError) as excinfo:
         load_public(cfg.public, MNIST_SHAPE)
@@ -271,7 +271,7 @@ STAGE = {"autoencoder": {"channels": [32, 64], "downsample": 4}, "steps": 2000, 
 
 
 def test_cache_key_is_stable() -> None:
-    cfg = compose_config("+public=digits").public
+    cfg = compose_config("public=digits").public
     key = public_cache_key(cfg, STAGE, image_shape=(1, 28, 28))
     assert len(key) == 16 and int(key, 16) >= 0
     reordered = {"seed": 0, "steps": 2000, "autoencoder": {"downsample": 4, "channels": [32, 64]}}
@@ -283,7 +283,7 @@ def test_cache_key_is_stable() -> None:
 
 def test_cache_key_independent_of_private_config(tmp_path: Path) -> None:
     keys = {
-        public_cache_key(compose_config(*overrides, "+public=imagenet32").public, STAGE, image_shape=(3, 32, 32))
+        public_cache_key(compose_config(*overrides, "public=imagenet32").public, STAGE, image_shape=(3, 32, 32))
         for overrides in [
             ("data=cifar10", "privacy.epsilon=1"),
             ("data=celeba32", "privacy.epsilon=10", f"data.root={tmp_path}", "train.epochs=3", "seed=7"),

@@ -1,0 +1,69 @@
+"""Stages trained on public data before the private fit: no private example is involved, so no privacy cost.
+
+`PublicDiffusionStage` trains a denoiser on a public (or programmatic) data set through the same
+training path as a private run, with `PrivacySpec(enabled=False)`: Poisson batches, no clipping, no
+noise, no accounting. `AutoencoderStage` trains an autoencoder on public images. Both are ordinary
+LightningModules that a method's `fit_public_stages(make_trainer)` fits with the trainer it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dp_diffusion.methods.diffusion_module import PrivateDiffusion
+from dp_diffusion.privacy import Coverage
+
+__all__ = ["AutoencoderStage", "PublicDiffusionStage"]
+
+
+class PublicDiffusionStage(PrivateDiffusion):
+    """A denoiser trained on public data only (labels as the data set gives them; `null_labels` replaces
+    every label by the null class, as DP-SynGen's synthetic stages are trained)."""
+
+    null_labels: bool = False
+
+    def prepare_batch(self, batch: Any) -> Any:
+        images, labels = batch
+        if self.num_classes == 0:
+            labels = None
+        elif self.null_labels:
+            labels = torch.full((images.shape[0],), self.num_classes, dtype=torch.long, device=images.device)
+        draw = self.loss.draw(images, labels, self.privacy_spec.noise_multiplicity)
+        return images, labels, draw
+
+    def privacy_coverage(self) -> Coverage:
+        return Coverage(released=[], trained_with_dp=[], never_saw_private_data=["public stage model"])
+
+
+class AutoencoderStage(L.LightningModule):
+    """Trains `autoencoder` (an object with `loss(x, generator) -> (total, ...)` per example) on public
+    images with Adam; shuffled batches from a generator seeded by `seed`, so a stage is reproducible."""
+
+    def __init__(self, autoencoder: nn.Module, dataset: Dataset, batch_size: int, lr: float, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset, batch_size=min(self.batch_size, len(self.dataset)), shuffle=True,
+                          drop_last=True, generator=generator, num_workers=self.num_workers)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, _ = batch
+        loss = self.autoencoder.loss(images).total.mean()
+        self.log("public/autoencoder_loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
