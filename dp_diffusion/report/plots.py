@@ -4,6 +4,7 @@ method with error bars over seeds on a log-scale epsilon axis, and the mosaic of
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -45,11 +46,11 @@ def frontier_figure(panels: Mapping[str, tuple[Series, dict[str, Point]]], ylabe
         colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
         for label, points in lines.items():
             eps, mean, std = zip(*points)
-            ax.errorbar(eps, mean, yerr=std, label=label, marker="o", capsize=3, color=next(colours),
+            ax.errorbar(eps, mean, yerr=std, label=textwrap.fill(label, 40), marker="o", capsize=3, color=next(colours),
                         linestyle=":" if label.endswith("†") else "-")
         for label, (_, mean, std) in baselines.items():
             colour = next(colours)
-            ax.axhline(mean, linestyle="--", color=colour, label=label)
+            ax.axhline(mean, linestyle="--", color=colour, label=textwrap.fill(label, 40))
             if std > 0:
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
         ax.set_xscale("log")
@@ -58,7 +59,7 @@ def frontier_figure(panels: Mapping[str, tuple[Series, dict[str, Point]]], ylabe
         ax.set_title(name, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -92,8 +93,8 @@ def mosaic_figure(groups: Sequence[Group], title: str) -> Figure | None:
     rows, columns, cells = mosaic_cells(groups)
     if not cells:
         return None
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.6 * len(columns) + 1.5, 2.6 * len(rows) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
+                             figsize=(max(2.6 * len(columns) + 1.5, 6.0), 2.6 * len(rows) + 0.8))
     for i, row in enumerate(rows):
         for j, eps in enumerate(columns):
             ax = axes[i][j]
@@ -108,7 +109,7 @@ def mosaic_figure(groups: Sequence[Group], title: str) -> Figure | None:
             if i == 0:
                 ax.set_title("no DP" if eps is None else f"epsilon = {eps:g}", fontsize=9)
             if j == 0:
-                ax.set_ylabel(row, fontsize=8)
-    fig.suptitle(title)
+                ax.set_ylabel(textwrap.fill(row, 28), fontsize=7)
+    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     return fig

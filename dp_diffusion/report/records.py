@@ -35,8 +35,10 @@ EPSILON_IS_GUARANTEE = "epsilon_is_guarantee"
 
 RESULTS_NAME = "results.jsonl"
 
+# Overrides that do not change what is measured: pooled over (seed), on their own axis (method, data,
+# epsilon), or bookkeeping (where things are written, which logger, a resumed run's checkpoint).
 IGNORED_OVERRIDES = ("seed=", "hydra.", "results_file=", "privacy.epsilon=", "privacy=", "method=", "data=",
-                     "output_dir=", "overwrite=")
+                     "output_dir=", "overwrite=", "resume=", "logger=", "logger.", "trainer.enable_progress_bar=")
 
 
 def read_results_file(path: Path) -> list[dict[str, Any]]:
@@ -100,7 +102,7 @@ def load_records(sources: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def setting(record: Mapping[str, Any]) -> str:
     """The run's other overrides: runs differing in these are not pooled as seeds."""
-    kept = [o for o in record.get("overrides", []) if not o.startswith(IGNORED_OVERRIDES)]
+    kept = [o for o in record.get("overrides", []) if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
     return " ".join(sorted(kept)) or "default"
 
 
