@@ -158,6 +158,18 @@ def test_run_dirs_are_read_once_each(results, tmp_path):
     assert len(compare(group_runs(records)[0], load_published())) > 0
 
 
+def test_relative_grid_paths_resolve_from_the_results_file(tmp_path, monkeypatch):
+    """`train` run from the repository root records runs/...; the report may run anywhere else."""
+    repo = tmp_path / "repo"
+    record = make_record(repo / "runs", "dpdm", 1.0, 0, 1.0, 0.5)
+    relative = Path(record["output_dir"]).relative_to(repo)
+    record.update(output_dir=str(relative), samples={"grid": str(relative / "samples_grid.png")})
+    (repo / "runs" / "results.jsonl").write_text(json.dumps(record) + "\n")
+    monkeypatch.chdir(tmp_path)
+    groups, _ = group_runs(load_records([repo / "runs" / "results.jsonl"]))
+    assert list(mosaic_cells(groups)[2].values()) == [(repo / relative / "samples_grid.png").resolve()]
+
+
 def test_cli_writes_the_folder(results, tmp_path, capsys):
     out = tmp_path / "folder"
     cli(["report", str(results), "--out", str(out)])

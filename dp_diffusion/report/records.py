@@ -34,6 +34,7 @@ EPSILON_IS_GUARANTEE = "epsilon_is_guarantee"
 """Key in `record["privacy"]` (and the privacy report): false when the epsilon is not a guarantee."""
 
 RESULTS_NAME = "results.jsonl"
+SOURCE_KEY = "_results_file"  # where the report read a record (relative paths in it are resolved from there)
 
 # Overrides that do not change what is measured: pooled over (seed), on their own axis (method, data,
 # epsilon), or bookkeeping (where things are written, which logger, a resumed run's checkpoint).
@@ -93,7 +94,7 @@ def load_records(sources: Iterable[str | Path]) -> list[dict[str, Any]]:
                 if not record.get("method") or not record.get("data"):
                     raise ConfigError(f"{path} holds a training record without method or data")
                 seen.add(identity(record))
-                records.append(record)
+                records.append({**record, SOURCE_KEY: str(path)})
     if not records:
         raise ConfigError(f"no training records in {', '.join(names) or 'the given sources'} "
                           "(lines with kind=train, as `dp-diffusion train` appends them)")
@@ -141,11 +142,21 @@ def steps_taken(record: Mapping[str, Any]) -> int | None:
 
 
 def grid_path(record: Mapping[str, Any]) -> Path | None:
-    """The run's sample grid PNG (`sampling.save_samples` writes `samples_grid.png`), if it exists."""
-    candidates = []
+    """The run's sample grid PNG (`sampling.save_samples` writes `samples_grid.png`), if it exists.
+
+    Paths in a record are as `train` saw them; a relative one is tried from the current directory, then
+    from the results file's folder and its parents (`runs/results.jsonl` names `runs/<method>/...`), and
+    a run dir's own results file finds the grid beside it."""
+    named = []
     grid = (record.get("samples") or {}).get("grid")
     if grid:
-        candidates.append(Path(grid))
+        named.append(Path(grid))
     if record.get("output_dir"):
-        candidates.append(Path(record["output_dir"]) / "samples_grid.png")
+        named.append(Path(record["output_dir"]) / "samples_grid.png")
+    source = Path(record[SOURCE_KEY]).resolve().parent if record.get(SOURCE_KEY) else None
+    bases = [Path.cwd(), *([source, *source.parents] if source else [])]
+    candidates = [p for p in named if p.is_absolute()]
+    candidates += [base / p for p in named if not p.is_absolute() for base in bases]
+    if source is not None:
+        candidates.append(source / "samples_grid.png")
     return next((p for p in candidates if p.is_file()), None)
