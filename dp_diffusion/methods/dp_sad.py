@@ -1,0 +1,449 @@
+"""DP-SAD (Liu, Wang, Ge, ECCV 2024, arXiv 2408.14738): a student denoiser distilled from a frozen teacher,
+against a discriminator, at one random noise level per example.
+
+Algorithm (reference notes, papers-dpsad-dpsyngen-benchmarks.md section 1.2, reconstructed):
+
+1. Teacher (``fit_public_stages``, before the private fit), by ``method.module.teacher.source``:
+   ``dp``: the EMA denoiser of a DP run of this framework on the same data set (``teacher.checkpoint``),
+   its ledger recorded in this run's ledger as mechanism "teacher" before calibration, so the student
+   and discriminator get what the teacher left of the target and the reported epsilon composes all three;
+   ``public``: pretrained on the ``public/`` set (no privacy cost; used with the null class label);
+   ``nonprivate``: trained on the private set without DP (the paper's setting; ``privacy_model=paper`` only).
+   The teacher is frozen from then on.
+2. One step, per example i of a Poisson batch: K noise levels sigma_ik and noises n_ik (``loss.draw``: the
+   paper's "one random step r", K > 1 averaged before clipping as DPDM's noise multiplicity);
+   x_r = x_i + sigma_ik n_ik (the forward process); teacher and student outputs at (x_r, sigma).
+3. Discriminator: the order game of ``methods/adversarial.py`` on (teacher, student) outputs.
+4. Student: lambda(sigma) [MSE(teacher, student) + MSE(x_i, student)] + lambda_adv * adversarial
+   (``adversarial_weight``, the paper's lambda = 1; 0 switches the discriminator off).
+5. ``method.module.privacy_model``:
+   ``sound`` (default): the student by DP-SGD on its full per-example parameter gradient and the
+   discriminator (whose input depends on private data) by DP-SGD too, two private parts of the core;
+   the teacher ``dp`` or ``public``. Epsilon is a guarantee for the released student.
+   ``paper``: as published: teacher and discriminator non-private (the discriminator a public optimizer
+   although it sees private data: that is the paper), the student's update through the core's
+   ``OutputSanitiser`` (each example's gradient at the student's output clipped to C and noised, the
+   noise divided by T = ``num_timesteps`` with ``paper_noise_scaling``). Its epsilon is the paper's
+   accounting and NOT a guarantee (reference notes, section 1.4): the report and the results record say so.
+6. Samples come from the student's EMA (``PrivateDiffusion.generate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from dp_diffusion.config import ConfigError, Rule, Settings, integer, number, one_of, optional
+from dp_diffusion.data.public import load_public
+from dp_diffusion.data.registry import DatasetInfo
+from dp_diffusion.diffusion.losses import DiffusionLoss
+from dp_diffusion.methods import adversarial
+from dp_diffusion.methods.diffusion_module import PrivateDiffusion
+from dp_diffusion.methods.public_stage import PublicDiffusionStage
+from dp_diffusion.privacy import Coverage, PrivacyError, PrivacySpec, check_no_batch_mixing
+from dp_diffusion.privacy.output_sanitiser import PAPER_ACCOUNTING_NOTE, OutputSanitiser, paper_accounting
+from dp_diffusion.privacy.per_example import trainable_parameters
+from dp_diffusion.report.records import EPSILON_IS_GUARANTEE
+from dp_diffusion.sample import load_trained
+
+log = logging.getLogger(__name__)
+PRIVACY_MODELS = ("sound", "paper")
+TEACHER_SOURCES = ("dp", "public", "nonprivate")
+TEACHER_MECHANISM = "teacher"  # the ledger's name of a DP teacher's recorded history
+PAPER_MECHANISM = "dp_sad_output_sanitiser"  # the ledger's name of the paper variant's (non-guarantee) steps
+PHYSICAL_ROWS = 256  # rows per no-grad teacher/student forward when a batch is prepared
+
+
+@dataclass(frozen=True)
+class TeacherSettings(Settings):
+    """`method.module.teacher`: where the teacher comes from, and how a `public`/`nonprivate` one is trained."""
+
+    KEY: ClassVar[str] = "method.module.teacher"
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "source": one_of(TEACHER_SOURCES),
+        "checkpoint": optional(Rule(lambda v: isinstance(v, str) and bool(v), "a path"), "null"),
+        "steps": integer(1),
+        "batch_size": integer(1),
+        "lr": number(above=0, finite=True),
+        "noise_multiplicity": integer(1),
+        "ema_decay": number(at_least=0, below=1),
+        "seed": integer(0),
+    }
+
+    source: str = "public"
+    checkpoint: str | None = None  # source=dp: a checkpoint written by `dp-diffusion train` (final.ckpt)
+    steps: int = 1500  # source=public|nonprivate: training steps of the teacher stage
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    noise_multiplicity: int = 1
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.source != "dp" or self.checkpoint is not None, "checkpoint",
+                     "a checkpoint path with teacher.source=dp (a DP run of this framework on the same data set)")
+
+
+def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class DPSAD(PrivateDiffusion):
+    """Student (released, `denoiser` and its EMA), frozen teacher, discriminator; see the module docstring."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher_backbone: nn.Module,
+        discriminator: nn.Module,
+        loss: DiffusionLoss,
+        privacy: PrivacySpec,
+        batch_size: int,
+        physical_batch_size: int,
+        steps: int,
+        image_shape: tuple[int, int, int],
+        num_classes: int = 0,
+        privacy_model: str = "sound",
+        adversarial_weight: float = 1.0,
+        num_timesteps: int = 500,
+        paper_noise_scaling: bool = True,
+        teacher: Mapping[str, Any] | None = None,
+        public: Mapping[str, Any] | None = None,
+        data_name: str = "",
+        lr: float = 3e-4,
+        discriminator_lr: float = 3e-4,
+        ema_decay: float = 0.999,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        if privacy_model not in PRIVACY_MODELS:
+            raise ConfigError(f"method.module.privacy_model must be one of {PRIVACY_MODELS}, got {privacy_model!r}")
+        if not (isinstance(adversarial_weight, (int, float)) and adversarial_weight >= 0):
+            raise ConfigError(f"method.module.adversarial_weight must be a number >= 0 (0: no discriminator), "
+                              f"got {adversarial_weight!r}")
+        if not (isinstance(num_timesteps, int) and num_timesteps >= 1):
+            raise ConfigError(f"method.module.num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+        settings = TeacherSettings.from_config(teacher)
+        if settings.source == "nonprivate" and privacy_model == "sound":
+            raise ConfigError("method.module.teacher.source=nonprivate trains the teacher on the private data without "
+                              "DP: allowed only with method.module.privacy_model=paper (use source=dp or public)")
+        self.public_cfg = _plain(public)
+        if settings.source == "public" and self.public_cfg.get("name") in (None, "none"):
+            raise ConfigError("method.module.teacher.source=public pretrains the teacher on a public set: choose one, "
+                              "e.g. public=dead_leaves (offline) or public=emnist")
+        super().__init__(student, loss, privacy, batch_size, physical_batch_size, steps, image_shape,
+                         num_classes=num_classes, lr=lr, ema_decay=ema_decay, seed=seed, num_workers=num_workers)
+        self._initial_teacher = [copy.deepcopy(teacher_backbone)]  # a list: outside the module tree
+        self.teacher = loss.precondition(teacher_backbone).requires_grad_(False).eval()
+        self.discriminator = discriminator
+        self.privacy_model = privacy_model
+        self.adversarial_weight = float(adversarial_weight)
+        self.num_timesteps = num_timesteps
+        self.paper_noise_scaling = bool(paper_noise_scaling)
+        self.teacher_settings = settings
+        self.data_name = data_name
+        self.discriminator_lr = discriminator_lr
+        self.discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=discriminator_lr)
+        self.sanitiser: OutputSanitiser | None = None
+        self._student_optimizer: torch.optim.Optimizer | None = None
+        self.register_buffer("teacher_trained", torch.tensor(False))
+
+    # ---- roles ---------------------------------------------------------------------------------
+    @property
+    def adversarial(self) -> bool:
+        """Whether the discriminator plays (lambda > 0)."""
+        return self.adversarial_weight > 0
+
+    def private_parts(self) -> dict[str, nn.Module]:
+        """sound: the discriminator (if on) and the student, each by DP-SGD. paper: the student only, named
+        for calibration and the ledger; its update goes through the output sanitiser, not an engine."""
+        if self.privacy_model == "sound" and self.adversarial:
+            return {"discriminator": self.discriminator, "student": self.denoiser}
+        return {"student": self.denoiser}
+
+    def mechanism_name(self, part: str) -> str:
+        return PAPER_MECHANISM if self.privacy_model == "paper" else part
+
+    def public_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.discriminator_optimizer] if self.privacy_model == "paper" and self.adversarial else []
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam for a private part: at `discriminator_lr` for the discriminator's parameters, else `lr`."""
+        ours = {id(p) for p in self.discriminator.parameters()}
+        return torch.optim.Adam(params, lr=self.discriminator_lr if params and id(params[0]) in ours else self.lr)
+
+    def train(self, mode: bool = True) -> DPSAD:
+        super().train(mode)
+        self.teacher.eval()  # frozen: never in training mode (dropout)
+        return self
+
+    # ---- the teacher (before the private fit) ------------------------------------------------------
+    def fit_public_stages(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
+        """Load (dp) or train (public, nonprivate) the teacher; a dp teacher's history goes into the ledger."""
+        source = self.teacher_settings.source
+        if source == "dp":
+            self._load_dp_teacher()
+        else:
+            self._train_teacher(make_trainer, public=source == "public")
+        self.teacher.requires_grad_(False).eval()
+        self.teacher_trained.fill_(True)
+
+    def _load_dp_teacher(self) -> None:
+        path = self.teacher_settings.checkpoint
+        if self.plan is not None:
+            raise PrivacyError("the DP teacher's history must be in the ledger before sigma is calibrated: call "
+                               "fit_public_stages before training")
+        source = load_trained(path)
+        data = str(source.run_config.data.name)
+        if data != self.data_name:
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained on data={data}, this run on "
+                              f"data={self.data_name}: a DP teacher must be trained on the same private set")
+        if not source.privacy_spec.enabled:
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained with privacy=none: a teacher "
+                              "on the private data without DP gives no guarantee (train it with privacy=dp)")
+        if source.privacy_spec.reproducible and not self.privacy_spec.reproducible:
+            raise PrivacyError(f"method.module.teacher.checkpoint={path!r} was trained with privacy.reproducible="
+                               "true (its noise is not secret): no guarantee to compose")
+        if type(source.loss) is not type(self.loss):
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} uses {type(source.loss).__name__}, this run "
+                              f"{type(self.loss).__name__}: choose the teacher's diffusion/ config")
+        if self.train_set is not None and source.plan is not None and source.plan.num_examples != len(self.train_set):
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained on N={source.plan.num_examples} "
+                              f"examples, this run has N={len(self.train_set)}: not the same private set")
+        try:
+            self.teacher.load_state_dict(source.sampling_denoiser().state_dict())
+        except RuntimeError:
+            model = OmegaConf.to_container(source.run_config.model, resolve=True)
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r}: its denoiser does not fit "
+                              f"method.parts.teacher_backbone; set it to the checkpoint's model {model}") from None
+        history = [entry for entries in source.ledger.mechanisms.values() for entry in entries]
+        if TEACHER_MECHANISM not in self.ledger.mechanisms:
+            self.ledger.record(TEACHER_MECHANISM, history)
+        log.info("DP-SAD: teacher from %s, its DP history recorded in the ledger as %r", path, TEACHER_MECHANISM)
+
+    def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> None:
+        s = self.teacher_settings
+        if public:
+            info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
+            dataset = load_public(self.public_cfg, info)
+        else:
+            if self.train_set is None:
+                raise RuntimeError("attach_private_data(dataset) must be called before fit_public_stages")
+            dataset = self.train_set
+        torch.manual_seed(s.seed)
+        stage = PublicDiffusionStage(
+            backbone=copy.deepcopy(self._initial_teacher[0]), loss=self.loss,
+            privacy=PrivacySpec(enabled=False, noise_multiplicity=s.noise_multiplicity, reproducible=True,
+                                grad_mode=self.privacy_spec.grad_mode),
+            batch_size=min(s.batch_size, len(dataset)), physical_batch_size=self.physical_batch_size,
+            steps=s.steps, image_shape=self.image_shape, num_classes=self.num_classes, lr=s.lr,
+            ema_decay=s.ema_decay, seed=s.seed, num_workers=self.num_workers)
+        stage.null_labels = public  # a public teacher knows no private class: it is used unconditionally
+        stage.attach_private_data(dataset)
+        name = "public_teacher" if public else "nonprivate_teacher"
+        log.info("DP-SAD: training the teacher on %s for %d steps (%s)",
+                 self.public_cfg.get("name") if public else f"the private {self.data_name} WITHOUT DP", s.steps,
+                 "no privacy cost" if public else "not covered by any guarantee")
+        make_trainer(s.steps, name).fit(stage)
+        self.teacher.load_state_dict(stage.sampling_denoiser().state_dict())
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if not bool(self.teacher_trained):
+            log.warning("DP-SAD: distilling from an untrained teacher (call fit_public_stages first; "
+                        "`dp-diffusion train` does)")
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def prepare_batch(self, batch: Any) -> dict[str, Tensor]:
+        """Every per-example tensor of the step, examples first (B, K, ...): x_r from the forward process,
+        sigma, the loss weight, labels after label dropout, the teacher's output and the student's (detached)."""
+        images, labels = batch
+        labels = labels if self.num_classes > 0 else None
+        draw = self.loss.draw(images, labels, self.privacy_spec.noise_multiplicity)
+        sigma = draw["sigma"]
+        view = (*sigma.shape,) + (1,) * (images.ndim - 1)
+        prepared = {"images": images, "sigma": sigma, "weight": self.loss.weight(sigma),
+                    "noisy": images.unsqueeze(1) + sigma.reshape(view) * draw["noise"]}  # x_r ~ q(x_r | x_0)
+        if labels is not None:
+            null = torch.full_like(sigma, self.num_classes, dtype=torch.long)
+            prepared["labels"] = torch.where(draw["keep_label"], labels.unsqueeze(1).expand_as(null), null)
+        with torch.no_grad():
+            prepared["teacher"] = self._forward_rows(self.teacher, prepared, self._teacher_labels(prepared))
+            if self.adversarial:
+                prepared["student"] = self._forward_rows(self.denoiser, prepared, prepared.get("labels"))
+        return prepared
+
+    def _teacher_labels(self, prepared: Mapping[str, Tensor]) -> Tensor | None:
+        labels = prepared.get("labels")
+        if labels is None or self.teacher_settings.source != "public":
+            return labels
+        return torch.full_like(labels, self.num_classes)  # the public teacher's null class
+
+    @staticmethod
+    def _rows(prepared: Mapping[str, Tensor], key: str) -> Tensor:
+        value = prepared[key]
+        return value.reshape(-1, *value.shape[2:])
+
+    def _forward_rows(self, net: nn.Module, prepared: Mapping[str, Tensor], labels: Tensor | None) -> Tensor:
+        """net(x_r, sigma, y) on every (example, draw) row, back in (B, K, ...) shape; chunked (no grad)."""
+        x, sigma = self._rows(prepared, "noisy"), self._rows(prepared, "sigma")
+        y = None if labels is None else labels.reshape(-1)
+        chunks = [net(x[s:s + PHYSICAL_ROWS], sigma[s:s + PHYSICAL_ROWS],
+                      None if y is None else y[s:s + PHYSICAL_ROWS]) for s in range(0, x.shape[0], PHYSICAL_ROWS)]
+        out = torch.cat(chunks) if chunks else torch.zeros_like(x)
+        return out.reshape(prepared["noisy"].shape)
+
+    def _discriminator_inputs(self, prepared: Mapping[str, Tensor]) -> dict[str, Any]:
+        labels = prepared.get("labels")
+        return {"noise_labels": self._rows(prepared, "sigma").log() / 4,  # EDM's c_noise
+                "class_labels": None if labels is None else labels.reshape(-1)}
+
+    def student_objective(self, student_out: Tensor, prepared: Mapping[str, Tensor]) -> Tensor:
+        """(B,): lambda(sigma) [MSE(teacher, student) + MSE(x_0, student)] + lambda_adv * adversarial."""
+        num_examples, k = prepared["sigma"].shape
+        target = prepared["images"].unsqueeze(1).expand_as(prepared["noisy"]).reshape(student_out.shape)
+        teacher_out = self._rows(prepared, "teacher")
+        loss = adversarial.distillation_loss(teacher_out, student_out, target, num_examples,
+                                             self._rows(prepared, "weight"))
+        if not self.adversarial:
+            return loss
+        adv = adversarial.student_adversarial_loss(self.discriminator, teacher_out, student_out,
+                                                   num_examples=num_examples, **self._discriminator_inputs(prepared))
+        return adversarial.student_loss(loss, adv, self.adversarial_weight)
+
+    def student_loss(self, model: Any, prepared: Mapping[str, Tensor]) -> Tensor:
+        """Per-example loss of the student `model` (the private step's functional view of it)."""
+        labels = prepared.get("labels")
+        out = model(self._rows(prepared, "noisy"), self._rows(prepared, "sigma"),
+                    None if labels is None else labels.reshape(-1))
+        return self.student_objective(out, prepared)
+
+    def discriminator_loss(self, model: Any, prepared: Mapping[str, Tensor]) -> Tensor:
+        """Per-example loss of the discriminator `model` on the (teacher, student) outputs, both detached."""
+        return adversarial.discriminator_loss(model, self._rows(prepared, "teacher"), self._rows(prepared, "student"),
+                                              num_examples=prepared["sigma"].shape[0],
+                                              **self._discriminator_inputs(prepared))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if not self.start_logical_step():
+            return None
+        prepared = self.prepare_batch(batch)
+        if self.privacy_model == "sound":
+            if self.adversarial:
+                self.log_step(self.private_step("discriminator", self.discriminator_loss, prepared),
+                              prefix="discriminator")
+            self.log_step(self.private_step("student", self.student_loss, prepared), prefix="student")
+        else:
+            self._paper_step(prepared)
+        self.on_private_step()
+        return None
+
+    # ---- the paper variant ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """sound: the core's DP optimizers. paper: plain Adam for the student, whose gradient is sanitised at
+        its output (`OutputSanitiser`, sigma from the callback's plan), and for the non-private discriminator."""
+        if self.privacy_model == "sound":
+            return super().configure_optimizers()
+        plan = self.ensure_plan()
+        self.ensure_randomness()
+        self._engines = {}
+        if self.privacy_spec.enabled:
+            check_no_batch_mixing(self.denoiser)
+        self._student_optimizer = torch.optim.Adam(list(trainable_parameters(self.denoiser).values()), lr=self.lr)
+        self.sanitiser = self._make_sanitiser(plan.noise_multiplier, plan.expected_batch_size)
+        return [self._student_optimizer, *self.public_optimizers()]
+
+    def _make_sanitiser(self, sigma: float, expected_batch_size: float) -> OutputSanitiser | None:
+        if not self.privacy_spec.enabled:
+            return None
+        return OutputSanitiser(self.privacy_spec.max_grad_norm, sigma, self.noise, expected_batch_size,
+                               paper_time_dilution=self.num_timesteps if self.paper_noise_scaling else None)
+
+    def _paper_step(self, prepared: Mapping[str, Tensor]) -> None:
+        """The paper's step: the discriminator by plain Adam on private outputs, then the student's update with
+        each example's output gradient clipped and noised (`OutputSanitiser`); one ledger step (the paper's
+        accounting, not a guarantee)."""
+        num_examples = prepared["sigma"].shape[0]
+        if self.adversarial and num_examples > 0:
+            loss = self.discriminator_loss(self.discriminator, prepared).mean()
+            self.log("discriminator/loss", self.public_step(self.discriminator_optimizer, loss), batch_size=1)
+        params = list(trainable_parameters(self.denoiser).values())
+        if num_examples > 0:
+            labels = prepared.get("labels")
+            out = self.denoiser(self._rows(prepared, "noisy"), self._rows(prepared, "sigma"),
+                                None if labels is None else labels.reshape(-1))
+            if self.sanitiser is not None:
+                out = self.sanitiser(out, num_examples=num_examples)
+                total = self.student_objective(out, prepared).sum()  # the sanitiser divides by the expected B
+            else:
+                total = self.student_objective(out, prepared).sum() / self.plan.expected_batch_size
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        else:
+            grads = [None] * len(params)
+        for p, grad in zip(params, grads):
+            p.grad = torch.zeros_like(p) if grad is None else grad
+        self._wrapped(self._student_optimizer).step()  # through Lightning's wrapper: one global step
+        self._student_optimizer.zero_grad(set_to_none=True)
+        if self.privacy_spec.enabled:
+            self.ledger.step(self.plan.noise_multiplier, self.plan.sample_rate, mechanism=PAPER_MECHANISM)
+
+    # ---- what the guarantee covers ----------------------------------------------------------------------
+    def privacy_report(self) -> dict[str, Any]:
+        """The core's report; for the paper variant marked as not a guarantee, with the paper's accounting."""
+        report = super().privacy_report()
+        if self.privacy_model == "paper" and report["private"]:
+            sanitiser = self.sanitiser
+            if sanitiser is None:  # e.g. a reloaded checkpoint: the same settings, for the record only
+                self.ensure_randomness()
+                sanitiser = self._make_sanitiser(self.plan.noise_multiplier, self.plan.expected_batch_size)
+            report[EPSILON_IS_GUARANTEE] = False
+            report["epsilon_note"] = PAPER_ACCOUNTING_NOTE
+            report["paper_accounting"] = paper_accounting(sanitiser, self.plan.sample_rate, report["steps"] or 0,
+                                                          report["delta"], report["epsilon_accountant"] or "rdp")
+            report["covers"]["notes"].insert(0, PAPER_ACCOUNTING_NOTE)
+        return report
+
+    def privacy_coverage(self) -> Coverage:
+        released = ["EMA student denoiser weights (and samples drawn from it)"]
+        source = self.teacher_settings.source
+        public_name = self.public_cfg.get("name")
+        teacher = {
+            "dp": f"teacher (DP-SGD on the private set in an earlier run, {self.teacher_settings.checkpoint}; its "
+                  f"history is composed into epsilon as mechanism {TEACHER_MECHANISM!r})",
+            "public": f"teacher (pretrained on public {public_name}; frozen)",
+            "nonprivate": "teacher (trained on the private set WITHOUT DP)",
+        }[source]
+        if self.privacy_model == "paper":
+            without = [teacher] if source == "nonprivate" else []
+            if self.adversarial:
+                without.append("discriminator (trained on teacher/student outputs at noised private images, "
+                               "WITHOUT DP)")
+            return Coverage(
+                released=[released[0] + ": the paper's accounting, NOT a DP guarantee"],
+                trained_with_dp=["student, by the paper's mechanism only: each example's gradient at the student's "
+                                 "output clipped and noised (not DP-SGD on its parameters; not a guarantee)"],
+                saw_private_data_without_dp=without,
+                never_saw_private_data=[teacher] if source == "public" else [],
+                notes=[f"DP-SAD privacy_model=paper, teacher.source={source}"],
+            )
+        trained = ["student (DP-SGD on all its parameters)"]
+        if self.adversarial:
+            trained.append("discriminator (DP-SGD on all its parameters; its input depends on private data)")
+        if source == "dp":
+            trained.append(teacher)
+        notes = [f"DP-SAD privacy_model=sound, teacher.source={source}"]
+        if not self.adversarial:
+            notes.append("adversarial_weight=0: no discriminator was trained or used")
+        return Coverage(released=released, trained_with_dp=trained,
+                        never_saw_private_data=[teacher] if source == "public" else [], notes=notes)
