@@ -92,12 +92,15 @@ class SampleGrids(Callback):
         self.logged_steps.append(step)
 
 
-def wandb_callbacks(cfg: Any, num_samples: int = 64) -> list[Callback]:
-    """The callbacks a run with `logger=wandb` adds to its private fit: sample grids at the checkpoint
-    interval (`train.checkpoint_every_n_steps`), with the run's sampler (`sample`) and `seed`."""
+def wandb_callbacks(cfg: Any, num_samples: int = 64, every_n_steps: int | None = None) -> list[Callback]:
+    """The callbacks a run with `logger=wandb` adds to its private fit: grids of `num_samples` samples
+    every `every_n_steps` steps (default: the checkpoint interval, `train.checkpoint_every_n_steps`), with
+    the run's sampler (`sample`) and `seed`. Each grid costs one sampling pass of `num_samples` images
+    (`sample.num_steps` denoiser calls), on rank 0."""
     if not uses_wandb(cfg):
         return []
-    return [SampleGrids(cfg.sample, int(cfg.train.checkpoint_every_n_steps), num_samples, int(cfg.seed))]
+    every = int(cfg.train.checkpoint_every_n_steps if every_n_steps is None else every_n_steps)
+    return [SampleGrids(cfg.sample, every, num_samples, int(cfg.seed))]
 
 
 def summary_value(value: Any) -> Any:
