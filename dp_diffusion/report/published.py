@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dp_diffusion.config import ConfigError
-from dp_diffusion.report.tables import Group, cell
+from dp_diffusion.report.tables import NOT_A_GUARANTEE_MARK, Group, cell, epsilon_text, markdown
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -132,8 +132,6 @@ def compare(groups: Sequence[Group], entries: Sequence[Mapping[str, Any]]) -> li
 
 def comparison_table(rows: Sequence[Comparison]) -> str:
     """Markdown: ours beside published, with every difference in setting and the source."""
-    from dp_diffusion.report.tables import NOT_A_GUARANTEE_MARK, epsilon_text, markdown
-
     body = [["method", "setting", "epsilon", "metric", "ours", "published", "published row",
              "differs from ours", "source"]]
     for row in rows:
