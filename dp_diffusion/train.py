@@ -33,6 +33,7 @@ from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, 
 from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.privacy.report import describe_evaluation
 from dp_diffusion.sampling import save_samples
+from dp_diffusion.wandb_logging import log_run_summary, wandb_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume is None:  # on resume, public stages come back with the checkpoint
         module.fit_public_stages(lambda steps, name: build_public_trainer(cfg, out / name, steps))
     interrupt = StopOnInterrupt()
-    trainer = build_trainer(cfg, out, module.planned_steps, config, [interrupt], SafeCheckpointIO(resumed))
+    trainer = build_trainer(cfg, out, module.planned_steps, config, [interrupt, *wandb_callbacks(cfg)],
+                            SafeCheckpointIO(resumed))
     with interrupt.armed():
         try:
             trainer.fit(module, ckpt_path=cfg.resume)  # None: fresh run (nothing resumes unless resume= says so)
@@ -261,6 +263,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         print("\n".join(f"  evaluation: {line}" for line in report["evaluation"]))
     record["wall_time_s"] = round(time.time() - started, 1)
     append_results(record, out / "results.jsonl", cfg.results_file)
+    log_run_summary(trainer, record)  # W&B only: the privacy report and metrics as the run's summary
     finish_loggers(trainer)
     return record
 
