@@ -170,6 +170,10 @@ class PrivateTrainingModule(L.LightningModule):
     def rounds_taken(self) -> int:
         return self.dp.rounds_taken
 
+    def ensure_randomness(self) -> PrivacyRandomness:
+        """The run's privacy randomness, restored or fresh (`DPCallback.ensure_randomness`; all ranks call it)."""
+        return self.dp.ensure_randomness()
+
     def ensure_plan(self) -> PrivacyPlan:
         """Calibrate sigma once (`DPCallback.ensure_plan`)."""
         return self.dp.ensure_plan(self)
@@ -207,7 +211,7 @@ class PrivateTrainingModule(L.LightningModule):
     def configure_optimizers(self) -> Optimizer | list[Optimizer]:
         """One DP optimizer per private part (all drawing from the run's noise stream), then the public ones."""
         plan = self.ensure_plan()
-        self.dp.ensure_randomness()
+        self.ensure_randomness()
         self._engines = {}
         for part, module in self.private_parts().items():
             if self.privacy_spec.enabled:
@@ -222,7 +226,7 @@ class PrivateTrainingModule(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         plan = self.ensure_plan()
-        return poisson_loader(self.train_set, plan.sample_rate, self.dp.ensure_randomness(),
+        return poisson_loader(self.train_set, plan.sample_rate, self.ensure_randomness(),
                               start_round=self.rounds_taken, num_workers=self.num_workers)
 
     def start_logical_step(self) -> bool:
