@@ -21,22 +21,21 @@ load it into the denoiser (and its EMA), then fine-tune it with DP-SGD on all si
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dp_diffusion.config import ConfigError
+from dp_diffusion.config import BOOL, ConfigError, Rule, Settings, integer, number, one_of, optional
 from dp_diffusion.data.synthetic import SYNTHETIC_FAMILIES, SyntheticImages
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.diffusion.stages import StageRanges, SwitchingDenoiser, UnionSigmaLoss, restrict_loss
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
+from dp_diffusion.methods.public_stage import PublicDiffusionStage
 from dp_diffusion.privacy import Coverage, PrivacySpec
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,22 @@ PRETRAINED = "all"  # name of the finetune variant's all-sigma pretraining run
 
 
 @dataclass(frozen=True)
-class SyntheticSettings:
+class SyntheticSettings(Settings):
     """`method.module.synthetic`: how the synthetic-data stages are trained (non-private)."""
+
+    KEY: ClassVar[str] = "method.module.synthetic"
+    RULES: ClassVar[Mapping[str, Rule]] = {
+        "family": one_of(sorted(SYNTHETIC_FAMILIES)),
+        "shared_model": BOOL,
+        "size": integer(1),
+        "steps": integer(1),
+        "batch_size": integer(1),
+        "noise_multiplicity": integer(1),
+        "physical_batch_size": optional(integer(1)),
+        "lr": number(above=0),
+        "ema_decay": number(at_least=0, below=1),
+        "seed": integer(0),
+    }
 
     family: str = "dead_leaves"
     family_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -62,53 +75,19 @@ class SyntheticSettings:
     noise_multiplicity: int = 4
     ema_decay: float = 0.999
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "SyntheticSettings":
-        if cfg is None:
-            return cls()
-        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"method.module.synthetic has unknown keys {unknown}; known: {sorted(known)}")
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
     def validate(self) -> None:
-        def require(ok: bool, key: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"method.module.synthetic.{key} must be {allowed}, got {getattr(self, key)!r}")
-
-        def positive_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-        require(self.family in SYNTHETIC_FAMILIES, "family", f"one of {sorted(SYNTHETIC_FAMILIES)}")
-        require(isinstance(self.shared_model, bool), "shared_model", "true or false")
-        for key in ("size", "steps", "batch_size", "noise_multiplicity"):
-            require(positive_int(getattr(self, key)), key, "an integer >= 1")
-        require(self.batch_size <= self.size, "batch_size", f"<= synthetic.size = {self.size}")
-        require(self.physical_batch_size is None or positive_int(self.physical_batch_size), "physical_batch_size",
-                "null or an integer >= 1")
-        require(isinstance(self.lr, (int, float)) and self.lr > 0, "lr", "a number > 0")
-        require(isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1, "ema_decay", "in [0, 1)")
-        require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0")
+        super().validate()
+        self.require(self.batch_size <= self.size, "batch_size", f"<= synthetic.size = {self.size}")
 
 
-class SyntheticStage(PrivateDiffusion):
+class SyntheticStage(PublicDiffusionStage):
     """A stage model trained on synthetic images only, always with the null class label.
 
     Runs through the same privacy-core path with ``PrivacySpec(enabled=False)``: Poisson batches, no
     clipping, no noise, no accounting, because no private example is involved.
     """
 
-    def prepare_batch(self, batch: Any) -> Any:
-        images, _ = batch  # synthetic images carry no class
-        labels = None
-        if self.num_classes > 0:  # the null class id, as the switching sampler passes it
-            labels = torch.full((images.shape[0],), self.num_classes, dtype=torch.long, device=images.device)
-        draw = self.loss.draw(images, labels, self.privacy_spec.noise_multiplicity)
-        return images, labels, draw
+    null_labels = True  # synthetic images carry no class: the null class id, as the switching sampler passes it
 
     def privacy_coverage(self) -> Coverage:
         return Coverage(released=[], trained_with_dp=[], never_saw_private_data=["synthetic stage model"])
