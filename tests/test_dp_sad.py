@@ -104,6 +104,23 @@ def test_sound_student_step_leaves_teacher_and_discriminator_alone(tmp_path):
     assert not any(p.requires_grad for p in module.teacher.parameters())
 
 
+def test_adversarial_weight_zero_switches_the_discriminator_off(tmp_path):
+    """lambda = 0: the student is the only private part (sigma calibrated for it alone), the discriminator is
+    neither run nor trained, and the report says so."""
+    module = built(compose_cfg(tmp_path, "method.module.adversarial_weight=0"))
+    assert set(module.private_parts()) == {"student"} and module.public_optimizers() == []
+    module.configure_optimizers()
+    prepared = a_batch(module)
+    assert "student" not in prepared and set(module._engines) == {"student"}
+    disc = state(module.discriminator)
+    module.private_step("student", module.student_loss, prepared)
+    assert all(torch.equal(t, module.discriminator.state_dict()[n]) for n, t in disc.items())
+    assert all(p.grad is None for p in module.discriminator.parameters())
+    coverage = module.privacy_coverage()
+    assert not any("discriminator" in line for line in coverage.trained_with_dp)
+    assert any("no discriminator" in note for note in coverage.notes)
+
+
 def naive_clipped_sum(module: DPSAD, prepared, clip: float) -> dict[str, torch.Tensor]:
     """sum_i clip_C(g_i) over the discriminator's parameters, one backward per example."""
     disc = copy.deepcopy(module.discriminator)
@@ -249,6 +266,7 @@ def test_paper_variant_reports_that_its_epsilon_is_not_a_guarantee(tmp_path):
     assert report["paper_accounting"]["epsilon_paper"] == pytest.approx(report["epsilon"], rel=1e-6)
     unprotected = report["covers"]["saw_private_data_without_dp"]
     assert any("teacher" in u for u in unprotected) and any("discriminator" in u for u in unprotected)
-    assert "NOT a differential-privacy guarantee" in summary(report)
+    text = summary(report)
+    assert "NOT a differential-privacy guarantee" in text and "sigma / T" in text
     record = {"kind": "train", "target_epsilon": 10.0, "privacy": {k: v for k, v in report.items() if k != "history"}}
     assert "NOT a differential-privacy guarantee" in not_a_guarantee(record)

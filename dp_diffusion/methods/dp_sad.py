@@ -4,7 +4,8 @@ against a discriminator, at one random noise level per example.
 Algorithm (reference notes, papers-dpsad-dpsyngen-benchmarks.md section 1.2, reconstructed):
 
 1. Teacher (``fit_public_stages``, before the private fit), by ``method.module.teacher.source``:
-   ``dp``: the EMA denoiser of a DP run of this framework on the same data set (``teacher.checkpoint``),
+   ``dp``: the EMA denoiser of a DP run of this framework on the same data set (``teacher.checkpoint``, read
+   without building its method),
    its ledger recorded in this run's ledger as mechanism "teacher" before calibration, so the student
    and discriminator get what the teacher left of the target and the reported epsilon composes all three;
    ``public``: pretrained on the ``public/`` set (no privacy cost; used with the null class label);
@@ -41,6 +42,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dp_diffusion.build import CONFIG_KEY
+from dp_diffusion.checkpoints import read_checkpoint
 from dp_diffusion.config import ConfigError, Rule, Settings, integer, number, one_of, optional
 from dp_diffusion.data.public import load_public
 from dp_diffusion.data.registry import DatasetInfo
@@ -48,18 +51,18 @@ from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods import adversarial
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.public_stage import PublicDiffusionStage
-from dp_diffusion.privacy import Coverage, PrivacyError, PrivacySpec, check_no_batch_mixing
-from dp_diffusion.privacy.output_sanitiser import PAPER_ACCOUNTING_NOTE, OutputSanitiser, paper_accounting
+from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
+from dp_diffusion.privacy.callback import CHECKPOINT_KEY
+from dp_diffusion.privacy.output_sanitiser import (PAPER_ACCOUNTING_NOTE, PAPER_TIME_DILUTION_NOTE, OutputSanitiser,
+                                                   paper_accounting)
 from dp_diffusion.privacy.per_example import trainable_parameters
 from dp_diffusion.report.records import EPSILON_IS_GUARANTEE
-from dp_diffusion.sample import load_trained
 
 log = logging.getLogger(__name__)
 PRIVACY_MODELS = ("sound", "paper")
 TEACHER_SOURCES = ("dp", "public", "nonprivate")
 TEACHER_MECHANISM = "teacher"  # the ledger's name of a DP teacher's recorded history
 PAPER_MECHANISM = "dp_sad_output_sanitiser"  # the ledger's name of the paper variant's (non-guarantee) steps
-PHYSICAL_ROWS = 256  # rows per no-grad teacher/student forward when a batch is prepared
 
 
 @dataclass(frozen=True)
@@ -200,37 +203,48 @@ class DPSAD(PrivateDiffusion):
         self.teacher_trained.fill_(True)
 
     def _load_dp_teacher(self) -> None:
+        """The EMA denoiser of a DP run's checkpoint as the teacher, and its ledger as mechanism "teacher"."""
         path = self.teacher_settings.checkpoint
         if self.plan is not None:
             raise PrivacyError("the DP teacher's history must be in the ledger before sigma is calibrated: call "
                                "fit_public_stages before training")
-        source = load_trained(path)
-        data = str(source.run_config.data.name)
+        state = read_checkpoint(path)
+        config, privacy = state.get(CONFIG_KEY), state.get(CHECKPOINT_KEY)
+        if config is None or privacy is None:
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} holds no run config or privacy state: "
+                              "give a checkpoint written by `dp-diffusion train`")
+        data = config["data"]["name"]
         if data != self.data_name:
             raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained on data={data}, this run on "
                               f"data={self.data_name}: a DP teacher must be trained on the same private set")
-        if not source.privacy_spec.enabled:
+        spec, plan = privacy["spec"], privacy.get("plan") or {}
+        if not spec["enabled"]:
             raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained with privacy=none: a teacher "
                               "on the private data without DP gives no guarantee (train it with privacy=dp)")
-        if source.privacy_spec.reproducible and not self.privacy_spec.reproducible:
+        if spec.get("reproducible") and not self.privacy_spec.reproducible:
             raise PrivacyError(f"method.module.teacher.checkpoint={path!r} was trained with privacy.reproducible="
                                "true (its noise is not secret): no guarantee to compose")
-        if type(source.loss) is not type(self.loss):
-            raise ConfigError(f"method.module.teacher.checkpoint={path!r} uses {type(source.loss).__name__}, this run "
-                              f"{type(self.loss).__name__}: choose the teacher's diffusion/ config")
-        if self.train_set is not None and source.plan is not None and source.plan.num_examples != len(self.train_set):
-            raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained on N={source.plan.num_examples} "
+        if self.train_set is not None and plan.get("num_examples") not in (None, len(self.train_set)):
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} was trained on N={plan['num_examples']} "
                               f"examples, this run has N={len(self.train_set)}: not the same private set")
+        loss = f"{type(self.loss).__module__}.{type(self.loss).__name__}"
+        if config["diffusion"].get("_target_") != loss:
+            raise ConfigError(f"method.module.teacher.checkpoint={path!r} uses diffusion "
+                              f"{config['diffusion'].get('_target_')}, this run {loss}: choose the teacher's diffusion/")
+        prefix = "ema.module."  # the teacher's released (EMA) denoiser
+        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
         try:
-            self.teacher.load_state_dict(source.sampling_denoiser().state_dict())
+            self.teacher.load_state_dict(weights)
         except RuntimeError:
-            model = OmegaConf.to_container(source.run_config.model, resolve=True)
             raise ConfigError(f"method.module.teacher.checkpoint={path!r}: its denoiser does not fit "
-                              f"method.parts.teacher_backbone; set it to the checkpoint's model {model}") from None
-        history = [entry for entries in source.ledger.mechanisms.values() for entry in entries]
+                              f"method.parts.teacher_backbone; set it to the checkpoint's model {config['model']}") from None
+        ledger = PrivacyLedger(delta=spec["delta"], accountant=spec["accountant"])
+        ledger.load_state_dict(privacy["ledger"])
+        history = [entry for entries in ledger.mechanisms.values() for entry in entries]
         if TEACHER_MECHANISM not in self.ledger.mechanisms:
             self.ledger.record(TEACHER_MECHANISM, history)
-        log.info("DP-SAD: teacher from %s, its DP history recorded in the ledger as %r", path, TEACHER_MECHANISM)
+        log.info("DP-SAD: teacher from %s, its DP history (%d steps) recorded in the ledger as %r", path,
+                 sum(n for _, _, n in history), TEACHER_MECHANISM)
 
     def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> None:
         s = self.teacher_settings
@@ -296,11 +310,13 @@ class DPSAD(PrivateDiffusion):
         return value.reshape(-1, *value.shape[2:])
 
     def _forward_rows(self, net: nn.Module, prepared: Mapping[str, Tensor], labels: Tensor | None) -> Tensor:
-        """net(x_r, sigma, y) on every (example, draw) row, back in (B, K, ...) shape; chunked (no grad)."""
+        """net(x_r, sigma, y) on every (example, draw) row, back in (B, K, ...) shape; in chunks of the physical
+        batch's rows (called without grad)."""
         x, sigma = self._rows(prepared, "noisy"), self._rows(prepared, "sigma")
         y = None if labels is None else labels.reshape(-1)
-        chunks = [net(x[s:s + PHYSICAL_ROWS], sigma[s:s + PHYSICAL_ROWS],
-                      None if y is None else y[s:s + PHYSICAL_ROWS]) for s in range(0, x.shape[0], PHYSICAL_ROWS)]
+        size = self.physical_batch_size * prepared["sigma"].shape[1]
+        chunks = [net(x[s:s + size], sigma[s:s + size], None if y is None else y[s:s + size])
+                  for s in range(0, x.shape[0], size)]
         out = torch.cat(chunks) if chunks else torch.zeros_like(x)
         return out.reshape(prepared["noisy"].shape)
 
@@ -311,7 +327,7 @@ class DPSAD(PrivateDiffusion):
 
     def student_objective(self, student_out: Tensor, prepared: Mapping[str, Tensor]) -> Tensor:
         """(B,): lambda(sigma) [MSE(teacher, student) + MSE(x_0, student)] + lambda_adv * adversarial."""
-        num_examples, k = prepared["sigma"].shape
+        num_examples = prepared["sigma"].shape[0]
         target = prepared["images"].unsqueeze(1).expand_as(prepared["noisy"]).reshape(student_out.shape)
         teacher_out = self._rows(prepared, "teacher")
         loss = adversarial.distillation_loss(teacher_out, student_out, target, num_examples,
@@ -411,7 +427,13 @@ class DPSAD(PrivateDiffusion):
             report["epsilon_note"] = PAPER_ACCOUNTING_NOTE
             report["paper_accounting"] = paper_accounting(sanitiser, self.plan.sample_rate, report["steps"] or 0,
                                                           report["delta"], report["epsilon_accountant"] or "rdp")
-            report["covers"]["notes"].insert(0, PAPER_ACCOUNTING_NOTE)
+            notes = [PAPER_ACCOUNTING_NOTE]
+            if sanitiser.paper_time_dilution is not None:
+                accounting = report["paper_accounting"]
+                notes.append(f"{PAPER_TIME_DILUTION_NOTE} Here sigma / T = {accounting['noise_multiplier_added']:.3g} "
+                             f"(T = {sanitiser.paper_time_dilution}), whose epsilon would be "
+                             f"{accounting['epsilon_of_noise_added']:.3g} by the same accounting.")
+            report["covers"]["notes"][:0] = notes
         return report
 
     def privacy_coverage(self) -> Coverage:
