@@ -1,14 +1,17 @@
 """What DP-SGD costs over ordinary training, measured in one run (DESIGN.md, Performance).
 
-On one model, one batch and one device this times
+For one method (`--method`, conf/method/), one model (`--model`, conf/model/), one batch and one device
+this times
 
-1. the non-private step: forward + backward + Adam on the mean per-example
-   loss of B examples with K noise draws each (B*K rows): the baseline;
-2. the DP step, `PrivateOptimization.step` (one physical chunk of B unless
-   `--physical-batch-size`), for each per-example gradient mode (grouped,
-   functorch, opacus, ghost clipping) and each noise
-   multiplicity K; the baseline is re-timed at every K (its work grows with K
-   too) and every DP row is divided by the baseline at the same K;
+1. the non-private step: the method's module built with `privacy.enabled=false` (its non-private
+   twin), through the same `prepare_batch` + `private_step` as the DP rows: the engine's
+   non-private path, forward + backward + Adam on the mean per-example loss of B examples with
+   K noise draws each (B*K rows): the baseline;
+2. the DP step, the same module built with privacy on: `prepare_batch` then `private_step` for
+   each private part, exactly as its `training_step` calls them (one physical chunk of B unless
+   `--physical-batch-size`), for each per-example gradient mode (grouped, functorch, opacus, ghost
+   clipping) and each noise multiplicity K; the baseline is re-timed at every K (its work grows
+   with K too) and every DP row is divided by the baseline at the same K;
 3. sampling throughput of each sampler with the raw (EMA-free) denoiser;
 4. on CUDA (on CPU with `--variants`), the non-private and grouped DP steps
    again under bf16 autocast, channels-last and torch.compile (a DP variant
@@ -17,11 +20,16 @@ On one model, one batch and one device this times
    cannot see inside a compiled model, so its compile row is reported as
    skipped, with that reason.
 
+Each row's module comes from `build_method` on a config composed from conf/ (as `dp-diffusion train`
+builds it; `--override key=value` is passed to the composition), so any method that trains through
+the privacy core is benchmarked through the code that trains it.
+
 Every call is timed after warm-up calls, with `torch.cuda.synchronize()` on
 CUDA, and the median of `repeats` is reported. Writes a Markdown table and the
 raw numbers as JSON; `--compare OLD.json` adds the ratio now / then per row.
 
     python -m dp_diffusion.bench --model tiny --batch-size 8 --repeats 2
+    dp-diffusion bench --method dp_syngen --override method.module.log_tau_cleaning=null
     dp-diffusion bench --device cuda --compare benchmarks/results/old.json
 """
 
@@ -46,30 +54,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from torch import Tensor, nn
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
+from torch.utils._pytree import tree_map
+from torch.utils.data import Dataset
 
 from dp_diffusion import allocator
-from dp_diffusion.diffusion.losses import DiffusionLoss
+from dp_diffusion.build import build_method
+from dp_diffusion.config import ConfigError, validate_config
+from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.diffusion.samplers import SAMPLERS, generate
-from dp_diffusion.privacy import PrivacyLedger, PrivacySpec, PrivateOptimization, make_plan
-from dp_diffusion.privacy.engine import split_batch
+from dp_diffusion.privacy import PrivateOptimization, PrivateTrainingModule
 from dp_diffusion.privacy.grad_samplers import supports
-from dp_diffusion.privacy.per_example import batch_size_of, make_per_example_gradients, trainable_parameters
+from dp_diffusion.privacy.lightning import DEFAULT_PART
+from dp_diffusion.privacy.per_example import make_per_example_gradients, trainable_parameters
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-MODELS = ("tiny", "dpdm")
+METHODS = ("dpdm", "dp_syngen")  # conf/method/ configs of methods that train through the privacy core
+MODELS = tuple(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
 GRAD_MODES = ("grouped", "functorch", "opacus", "ghost")
 NEEDS_GRAD_SAMPLERS = ("grouped", "ghost")  # modes built on privacy/grad_samplers.py
 VARIANTS = {"bf16": "bf16 autocast", "channels_last": "channels-last", "compile": "torch.compile"}
-# MNIST-shaped data, as for the default DPDM UNet (conf/model/dpdm.yaml).
-IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
-LR = 3e-4  # PrivateDiffusion's default Adam learning rate
 NOISE_MULTIPLIER = 1.0  # any sigma > 0 costs the same; accounting is not timed
 MAX_GRAD_NORM = 1.0
-NUM_EXAMPLES = 60_000  # only sets the sample rate q = B / N of the plan
+# Applied after method= and model=, before --override: MNIST-shaped data (N = 60,000 only sets the sample
+# rate q = B / N of the plan), the EDM loss of DPDM, sigma and C fixed (no calibration), 1000 planned steps.
+BENCH_OVERRIDES = ("data=mnist", "diffusion=edm", f"privacy.noise_multiplier={NOISE_MULTIPLIER}",
+                   f"privacy.max_grad_norm={MAX_GRAD_NORM}", "privacy.accountant=rdp", "train.steps=1000")
+# Config keys the bench sets per row from its own options: --override may not set them.
+FLAG_KEYS = {
+    "method": "--method", "model": "--model", "seed": "--seed", "train.batch_size": "--batch-size",
+    "train.physical_batch_size": "--physical-batch-size", "privacy.noise_multiplicity": "--noise-multiplicity",
+    "privacy.grad_mode": "--modes", "privacy.enabled": "--modes (the non-private twin is always timed)",
+    "privacy": "--modes (the non-private twin is always timed)",
+}
 # Largest relative error ||g - g_eager|| / ||g_eager|| of the per-example
 # gradients a DP variant may have and still be timed.
 VARIANT_TOLERANCE = {"bf16": 0.1, "channels_last": 1e-3, "compile": 1e-3}
@@ -80,36 +100,103 @@ class BenchSettingsError(ValueError):
 
 
 # --- building blocks ------------------------------------------------------------------------------
-def build_denoiser(model: str, seed: int = 0) -> tuple[nn.Module, DiffusionLoss]:
-    """The preconditioned UNet of `conf/model/<model>.yaml` for MNIST, and the EDM loss of `conf/diffusion/edm.yaml`.
+# Every row's module is built by `build_method` from a config composed out of conf/, as `dp-diffusion train`
+# builds it, and every row's step is the module's own DP call; nothing below re-implements a loss or a step.
+def compose_config(method: str = "dpdm", model: str = "dpdm", overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/config.yaml composed with `method=<method> model=<model>`, the bench's fixed settings
+    (`BENCH_OVERRIDES`: MNIST shape, EDM loss, sigma and C fixed, no calibration) and then `overrides`."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in FLAG_KEYS:
+            raise BenchSettingsError(f"--override {item}: set {key} with {FLAG_KEYS[key]}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"method={method}", f"model={model}", *BENCH_OVERRIDES, *overrides])
+    except HydraException as err:
+        raise BenchSettingsError(f"--override: {str(err).strip().splitlines()[0]}") from None
+    return cfg
 
-    DDPM++ zero-initialises every residual branch's last conv and the output
-    conv, so at init almost every gradient is exactly zero; all weights get
-    N(0, 0.01^2) added so the timed (and checked) gradients are generic.
+
+def row_config(cfg: DictConfig, batch_size: int, physical_batch_size: int | None, noise_multiplicity: int,
+               mode: str | None, seed: int) -> DictConfig:
+    """`cfg` for one row: DP with per-example gradient `mode`, or (mode None) its non-private twin, the same
+    config with `privacy.enabled=false` (no clipping, no noise: the engine's non-private path)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.seed = seed
+        cfg.train.batch_size = batch_size
+        cfg.train.physical_batch_size = physical_batch_size or batch_size
+        cfg.privacy.noise_multiplicity = noise_multiplicity
+        cfg.privacy.enabled = mode is not None
+        if mode is not None:
+            cfg.privacy.grad_mode = mode
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        raise BenchSettingsError(f"config: {err}") from None
+    return cfg
+
+
+class _PlannedData(Dataset):
+    """Stands in for the private data set: only its size is read (the sample rate q = B / N of the plan)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        raise RuntimeError("the benchmark feeds its own batches; the data set only sets N")
+
+
+def build_module(cfg: DictConfig, device: torch.device, variant: str | None = None) -> PrivateTrainingModule:
+    """The method's module for data set `cfg.data`, as `dp-diffusion train` builds it, seeded with `cfg.seed`.
+
+    Every private part's weights get N(0, 0.01^2) added (DDPM++ zero-initialises every residual branch's
+    last conv and the output conv, so at init almost every gradient is exactly zero; the timed and checked
+    gradients should be generic). Then `variant` is applied to the private parts and the module's own
+    `configure_optimizers` builds its engines.
     """
-    torch.manual_seed(seed)
-    channels, height, _ = IMAGE_SHAPE
-    backbone = instantiate(
-        OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml"),
-        in_channels=channels, out_channels=channels, resolution=height, num_classes=NUM_CLASSES,
-    )
-    loss = instantiate(OmegaConf.load(CONF_DIR / "diffusion" / "edm.yaml"), num_classes=NUM_CLASSES)
-    denoiser = loss.precondition(backbone)
-    generator = torch.Generator().manual_seed(seed)
+    info = dataset_info(cfg.data.name)
+    torch.manual_seed(cfg.seed)
+    try:
+        module = build_method(cfg, info, info.num_train)
+    except (ConfigError, TypeError) as err:
+        raise BenchSettingsError(f"config: {err}") from None
+    generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        for p in denoiser.parameters():
-            p.add_(torch.randn(p.shape, generator=generator), alpha=0.01)
-    return denoiser, loss
+        for part in module.private_parts().values():
+            for p in part.parameters():
+                p.add_(torch.randn(p.shape, generator=generator), alpha=0.01)
+    module.attach_private_data(_PlannedData(info.num_train))
+    module.to(device)
+    for part in module.private_parts().values():
+        if variant == "channels_last":
+            part.to(memory_format=torch.channels_last)
+        elif variant == "compile":
+            part.compile()  # in place: parameter names (and state_dict keys) unchanged
+    module.configure_optimizers()
+    return module
 
 
-def make_batch(loss: DiffusionLoss, batch_size: int, noise_multiplicity: int, device: torch.device,
-               seed: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(images, labels, draw): the same B images and labels at every K, with K noise draws each."""
+def make_batch(cfg: DictConfig, batch_size: int, device: torch.device, seed: int = 0,
+               variant: str | None = None) -> tuple[Tensor, Tensor]:
+    """(images, labels) shaped like data set `cfg.data`, what the Poisson loader hands `training_step`;
+    the same at every K (the module's `prepare_batch` adds the K noise draws)."""
+    info = dataset_info(cfg.data.name)
     generator = torch.Generator().manual_seed(seed)
-    images = torch.rand((batch_size, *IMAGE_SHAPE), generator=generator) * 2 - 1
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
-    draw = loss.draw(images, labels, noise_multiplicity, generator=generator)
-    return images.to(device), labels.to(device), {k: v.to(device) for k, v in draw.items()}
+    images = torch.rand((batch_size, *info.image_shape), generator=generator) * 2 - 1
+    labels = torch.randint(0, max(1, info.num_classes), (batch_size,), generator=generator)
+    images = images.to(device)
+    return (_channels_last(images) if variant == "channels_last" else images), labels.to(device)
+
+
+def _channels_last(value: Any) -> Any:
+    """An image batch (4-d tensor) in channels-last memory format; anything else unchanged."""
+    if isinstance(value, Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def _autocast(device: torch.device, variant: str | None):
@@ -118,57 +205,49 @@ def _autocast(device: torch.device, variant: str | None):
     return nullcontext()
 
 
-def _apply_variant(denoiser: nn.Module, batch: Any, variant: str | None) -> tuple[nn.Module, Any]:
-    """A fresh copy of `denoiser` (and the batch) set up for `variant`; never touches the template."""
-    denoiser = copy.deepcopy(denoiser)
-    if variant == "channels_last":
-        images, labels, draw = batch
-        denoiser = denoiser.to(memory_format=torch.channels_last)
-        batch = (images.contiguous(memory_format=torch.channels_last), labels, draw)
-    elif variant == "compile":
-        denoiser.compile()  # in place: parameter names (and state_dict keys) unchanged
-    return denoiser, batch
+def part_losses(module: PrivateTrainingModule, device: torch.device,
+                variant: str | None = None) -> dict[str, Callable[[Any, Any], Tensor]]:
+    """Each private part's per-example loss as the module's `training_step` passes it to `private_step`
+    (under the variant's autocast). A single-part method: `per_example_loss`; a method with several
+    private parts says which loss trains which through `per_example_losses()`."""
+    parts = list(module.private_parts())
+    if hasattr(module, "per_example_losses"):
+        losses = dict(module.per_example_losses())
+    elif parts == [DEFAULT_PART]:
+        losses = {DEFAULT_PART: module.per_example_loss}
+    else:
+        raise BenchSettingsError(f"{type(module).__name__} has private parts {parts} but no per_example_losses(): "
+                                 "the benchmark cannot tell which loss trains which part")
+    if variant != "bf16":
+        return losses
+
+    def under_autocast(loss_fn: Callable[[Any, Any], Tensor]) -> Callable[[Any, Any], Tensor]:
+        def wrapped(model: Any, batch: Any) -> Tensor:
+            with _autocast(device, variant):
+                return loss_fn(model, batch)
+        return wrapped
+
+    return {part: under_autocast(fn) for part, fn in losses.items()}
 
 
-def per_example_loss_fn(loss: DiffusionLoss, device: torch.device, variant: str | None = None):
-    """The engine's per-example loss for batches (images, labels, draw), under the variant's autocast."""
+def timed_step(module: PrivateTrainingModule, batch: Any, losses: dict[str, Callable[[Any, Any], Tensor]]
+                  ) -> Callable[[], None]:
+    """What the module's `training_step` does for its private parts, without a trainer:
+    `prepare_batch` (the random draws), then one `private_step` per private part.
 
-    def loss_fn(model: Any, batch: Any) -> Tensor:
-        with _autocast(device, variant):
-            return loss(model, batch[0], batch[1], batch[2])
-
-    return loss_fn
-
-
-def nonprivate_step(denoiser: nn.Module, loss: DiffusionLoss, batch: Any, device: torch.device,
-                    variant: str | None = None, physical_batch_size: int | None = None) -> Callable[[], None]:
-    """Forward + backward + Adam on the mean per-example loss: the limit DP-SGD is measured against.
-
-    With `physical_batch_size`, gradients accumulate over the same chunks the DP step uses.
+    Trainer-free on purpose: a Lightning trainer would add its loop, logging, progress bar, callbacks and
+    the budget guard to every timed call, none of which is the DP-SGD step. Without a trainer
+    `private_step` steps the engine's optimizer directly (`_wrapped` falls back to it), where a trainer's
+    `LightningOptimizer` would only add a closure call under 32-bit precision. The EMA update
+    (`on_private_step`) and logging are left out, as in both the DP and the non-private rows.
     """
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=LR)
-    loss_fn = per_example_loss_fn(loss, device, variant)
-    size = batch_size_of(batch)
-    chunks = split_batch(batch, physical_batch_size or size)
 
     def step() -> None:
-        for chunk in chunks:
-            (loss_fn(denoiser, chunk).sum() / size).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        prepared = module.prepare_batch(batch)
+        for part, loss_fn in losses.items():
+            module.private_step(part, loss_fn, prepared)
 
     return step
-
-
-def private_engine(denoiser: nn.Module, mode: str, batch_size: int, noise_multiplicity: int,
-                   physical_batch_size: int | None = None) -> PrivateOptimization:
-    """`PrivateOptimization` for one logical batch of `batch_size` in chunks of `physical_batch_size` (default: one)."""
-    spec = PrivacySpec(enabled=True, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
-                       noise_multiplicity=noise_multiplicity, grad_mode=mode, accountant="rdp")
-    plan = make_plan(spec, num_examples=NUM_EXAMPLES, batch_size=batch_size, steps=1000)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=LR)
-    return PrivateOptimization(denoiser, optimizer, spec, plan, PrivacyLedger(delta=spec.delta, accountant="rdp"),
-                               physical_batch_size=physical_batch_size or batch_size)
 
 
 def gradient_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> tuple[float, int]:
@@ -351,15 +430,19 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def default_out(device: torch.device, model: str) -> Path:
-    """benchmarks/results/<device>-<model> (.md and .json), <device> = `cpu` or the GPU's name."""
+def default_out(device: torch.device, model: str, method: str = "dpdm") -> Path:
+    """benchmarks/results/<device>-<model> for DPDM, <device>-<method>-<model> for another method
+    (.md and .json), <device> = `cpu` or the GPU's name."""
     name = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-    return Path("benchmarks") / "results" / f"{name}-{model}"
+    return Path("benchmarks") / "results" / (f"{name}-{model}" if method == "dpdm" else f"{name}-{method}-{model}")
 
 
 def _check_settings(model: str, batch_size: int, noise_multiplicities: Sequence[int], modes: Sequence[str],
                     samplers: Sequence[str], sample_steps: int, sample_batch: int, repeats: int, warmup: int,
-                    variants: Sequence[str], threads: int | None, physical_batch_size: int | None = None) -> None:
+                    variants: Sequence[str], threads: int | None, physical_batch_size: int | None = None,
+                    method: str = "dpdm") -> None:
+    if method not in METHODS:
+        raise BenchSettingsError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if model not in MODELS:
         raise BenchSettingsError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if batch_size < 1:
@@ -421,20 +504,23 @@ def run_benchmark(
     seed: int = 0,
     verbose: bool = True,
     physical_batch_size: int | None = None,
+    method: str = "dpdm",
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Times everything (see the module docstring), writes `out`.md / .json, prints the tables; returns the results.
 
     `variants=None`: bf16 / channels-last / torch.compile rows on CUDA, none on CPU.
-    `out=None`: `default_out(device, model)`. `threads` applies for this call only.
+    `out=None`: `default_out(device, model, method)`. `threads` applies for this call only.
     `physical_batch_size`: examples per forward/backward chunk in every training row (default: the whole
-    batch); large K needs it to fit in memory.
+    batch); large K needs it to fit in memory. `method`: conf/method/<method>.yaml; `overrides`: Hydra
+    overrides (key=value) of the composed config, applied after the bench's own (`BENCH_OVERRIDES`).
     """
     dev = resolve_device(device)
     if variants is None:
         variants = tuple(VARIANTS) if dev.type == "cuda" else ()
     noise_multiplicities = sorted({int(k) for k in noise_multiplicities})
     _check_settings(model, batch_size, noise_multiplicities, modes, samplers, sample_steps, sample_batch, repeats,
-                    warmup, variants, threads, physical_batch_size)
+                    warmup, variants, threads, physical_batch_size, method)
     previous = None
     if compare is not None:
         with open(compare) as f:
@@ -446,7 +532,8 @@ def run_benchmark(
     sample_rows: list[dict[str, Any]] = []
     interrupted = None
     try:
-        bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose, physical_batch_size)
+        bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose, physical_batch_size,
+                           method=method, overrides=overrides)
         try:
             for k in noise_multiplicities:
                 train_rows += bench.training_rows(k, modes, variants)
@@ -465,7 +552,8 @@ def run_benchmark(
     result: dict[str, Any] = {
         "env": env,
         "settings": {
-            "model": model, "num_params": bench.num_params, "batch_size": batch_size,
+            "method": method, "model": model, "overrides": list(overrides), "num_params": bench.num_params,
+            "batch_size": batch_size,
             "physical_batch_size": bench.physical_batch_size,
             "noise_multiplicities": noise_multiplicities, "modes": list(modes), "samplers": list(samplers),
             "sample_steps": sample_steps, "sample_batch": sample_batch, "repeats": repeats, "warmup": warmup,
@@ -481,7 +569,7 @@ def run_benchmark(
         result["compare"] = {"against": str(compare), "env": previous.get("env", {}),
                              "settings": previous.get("settings", {}), "rows": compare_rows(result, previous)}
     markdown = to_markdown(result)
-    out_base = default_out(dev, model) if out is None else Path(out)
+    out_base = default_out(dev, model, method) if out is None else Path(out)
     if out_base.suffix in (".md", ".json"):
         out_base = out_base.with_suffix("")
     out_base.parent.mkdir(parents=True, exist_ok=True)
@@ -500,32 +588,50 @@ def run_benchmark(
 
 
 class _Benchmark:
-    """One model, loss and device; builds and times each row on a fresh copy of the model."""
+    """One method, model and device; builds each row's module from the composed config and times its step."""
 
     def __init__(self, model: str, batch_size: int, device: torch.device, repeats: int, warmup: int, seed: int,
-                 verbose: bool, physical_batch_size: int | None = None) -> None:
-        self.model, self.batch_size, self.device = model, batch_size, device
+                 verbose: bool, physical_batch_size: int | None = None, method: str = "dpdm",
+                 overrides: Sequence[str] = ()) -> None:
+        self.method, self.model, self.batch_size, self.device = method, model, batch_size, device
         self.physical_batch_size = physical_batch_size or batch_size
         self.repeats, self.warmup, self.seed, self.verbose = repeats, warmup, seed, verbose
-        template, self.loss = build_denoiser(model, seed)
-        # Never trained, hooked or compiled itself: every row deep-copies it.
-        self.template = template.to(device)
-        self.num_params = sum(p.numel() for p in trainable_parameters(self.template).values())
-        self.grouped_ok = supports(self.template)
+        self.overrides = list(overrides)
+        self.config = compose_config(method, model, overrides)
+        self.info = dataset_info(self.config.data.name)
+        # The non-private twin at K=1: the weights every row starts from (the same seed builds the same
+        # weights), counted, checked for grad samplers, sampled from and copied as the fp32 reference of
+        # a variant's gradient check; never trained, hooked or compiled itself.
+        self.template = build_module(self.row_config(1, None), device)
+        self.parts = self.template.private_parts()
+        self.num_params = sum(p.numel() for part in self.parts.values() for p in trainable_parameters(part).values())
+        self.grouped_ok = all(supports(part) for part in self.parts.values())
+        self.num_classes = int(getattr(self.template, "num_classes", 0))
         self.memory = PeakMemory(device)
+
+    def row_config(self, k: int, mode: str | None) -> DictConfig:
+        return row_config(self.config, self.batch_size, self.physical_batch_size, k, mode, self.seed)
 
     def progress(self, text: str) -> None:
         if self.verbose:
             print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     def notes(self, variants: Sequence[str]) -> list[str]:
+        cfg, info = self.config, self.info
+        overrides = [f"method={self.method}", f"model={self.model}", *BENCH_OVERRIDES, *self.overrides]
         notes = [
-            f"model: {self.model} UNet (conf/model/{self.model}.yaml), {self.num_params:,} parameters (P), "
-            f"MNIST shape {IMAGE_SHAPE}, {NUM_CLASSES} classes; EDM loss (conf/diffusion/edm.yaml); "
+            f"method: {self.method} ({type(self.template).__name__}, conf/method/{self.method}.yaml), built by "
+            f"build_method from conf/ with overrides {' '.join(overrides)}; private parts: "
+            f"{', '.join(self.parts)}",
+            f"model: {self.model} (conf/model/{self.model}.yaml), {self.num_params:,} trainable parameters (P) "
+            f"in the private parts, {info.name} shape {tuple(info.image_shape)}, {self.num_classes} classes; "
+            f"{cfg.diffusion._target_.rsplit('.', 1)[-1]} loss; "
             "weights: init + N(0, 0.01^2) so no gradient is identically zero",
-            f"non-private: forward + backward + Adam on the mean loss of B={self.batch_size} examples "
-            "x K draws (B*K rows)" + self._chunk_note(),
-            f"DP: PrivateOptimization.step{self._chunk_note()}: per-example gradients, clipping "
+            "every row: the module's prepare_batch (the K noise draws) then private_step per private part, as "
+            "training_step calls them (no trainer, no EMA update, no logging)",
+            f"non-private: the same module with privacy.enabled=false: forward + backward + Adam on the mean "
+            f"loss of B={self.batch_size} examples x K draws (B*K rows)" + self._chunk_note(),
+            f"DP: the engine's step{self._chunk_note()}: per-example gradients, clipping "
             f"(C={MAX_GRAD_NORM}), Gaussian noise (sigma={NOISE_MULTIPLIER}) by Opacus's DPOptimizer, Adam",
             "per-example grads (per chunk): rows = examples (grouped, functorch) or examples x K (opacus, summed "
             "afterwards) x P; ghost: examples x the largest layer (norms only, then a second backward of the "
@@ -553,7 +659,7 @@ class _Benchmark:
         """Per-example gradient elements held at once: chunk rows x P, or x the largest layer (ghost)."""
         if mode == "ghost":  # one layer's per-example gradient at a time, freed after its norm
             largest = max(sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
-                          for layer in self.template.modules())
+                          for part in self.parts.values() for layer in part.modules())
             return self.physical_batch_size * largest
         return self.physical_batch_size * (k if mode == "opacus" else 1) * self.num_params
 
@@ -565,12 +671,12 @@ class _Benchmark:
         row per round), so a drift in machine speed (other tenants, clocks) hits every row alike
         and the ratios against the non-private step stay comparable.
         """
-        batch = make_batch(self.loss, self.batch_size, k, self.device, self.seed)
+        batch = make_batch(self.config, self.batch_size, self.device, self.seed)
         if "compile" in variants:
             # Once per K, before any row is built: a reset between building a compiled row and
             # timing it would make its first timed call compile again.
             torch._dynamo.reset()
-        prepared = [self.prepare_row(NONPRIVATE, k, lambda: self.nonprivate(batch, None))]
+        prepared = [self.prepare_row(NONPRIVATE, k, lambda: self.nonprivate(batch, k, None))]
         for mode in modes:
             numel = self.per_example_numel(mode, k)
             if mode in NEEDS_GRAD_SAMPLERS and not self.grouped_ok:
@@ -582,7 +688,7 @@ class _Benchmark:
                                              mode=mode, per_example_numel=numel))
         for variant in variants:
             prepared.append(self.prepare_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
-                                             lambda v=variant: self.nonprivate(batch, v), variant=variant))
+                                             lambda v=variant: self.nonprivate(batch, k, v), variant=variant))
             if self.grouped_ok:
                 prepared.append(self.prepare_row(dp_label("grouped", variant), k,
                                                  lambda v=variant: self.private(batch, "grouped", k, v),
@@ -609,7 +715,7 @@ class _Benchmark:
         """
         self.progress(f"{what}, K={k}")
         row = _new_row(what, k, mode, variant, per_example_numel)
-        torch.manual_seed(self.seed)  # the same DP noise stream in every row
+        torch.manual_seed(self.seed)  # the same diffusion draws in every row
         step = None
         try:
             start = time.perf_counter()
@@ -650,33 +756,48 @@ class _Benchmark:
         for row, _ in live:
             row["ms"] = statistics.median(row["times_ms"])
 
-    def nonprivate(self, batch: Any, variant: str | None) -> tuple[Callable[[], Any], str]:
-        denoiser, batch = _apply_variant(self.template, batch, variant)
-        return nonprivate_step(denoiser, self.loss, batch, self.device, variant, self.physical_batch_size), ""
+    def nonprivate(self, batch: Any, k: int, variant: str | None) -> tuple[Callable[[], Any], str]:
+        module = build_module(self.row_config(k, None), self.device, variant)
+        vbatch = make_batch(self.config, self.batch_size, self.device, self.seed, variant)
+        return timed_step(module, vbatch, part_losses(module, self.device, variant)), ""
 
     def private(self, batch: Any, mode: str, k: int, variant: str | None) -> tuple[Callable[[], Any], str]:
-        denoiser, vbatch = _apply_variant(self.template, batch, variant)
-        engine = private_engine(denoiser, mode, self.batch_size, k, self.physical_batch_size)
-        loss_fn = per_example_loss_fn(self.loss, self.device, variant)
+        module = build_module(self.row_config(k, mode), self.device, variant)
+        vbatch = make_batch(self.config, self.batch_size, self.device, self.seed, variant)
+        losses = part_losses(module, self.device, variant)
         note = ""
         if variant is not None:
-            # The variant's per-example gradients vs eager fp32 ones, same weights and batch.
-            got, _ = engine.gradients(loss_fn, vbatch)
-            reference = make_per_example_gradients(copy.deepcopy(self.template), mode)
-            want, _ = reference(per_example_loss_fn(self.loss, self.device), batch)
+            # The variant's per-example gradients vs eager fp32 ones, same weights and draws.
+            prepared = module.prepare_batch(batch)
+            vprepared = prepared if variant != "channels_last" else tree_map(_channels_last, prepared)
+            eager = part_losses(module, self.device)
+            got, want = {}, {}
+            for part, loss_fn in losses.items():
+                engine: PrivateOptimization = module._engines[part]  # the part's engine, as private_step uses it
+                grads, _ = engine.gradients(loss_fn, vprepared)
+                got.update({f"{part}.{name}": g for name, g in grads.items()})
+                reference = make_per_example_gradients(copy.deepcopy(self.parts[part]), mode)
+                grads, _ = reference(eager[part], prepared)
+                want.update({f"{part}.{name}": g for name, g in grads.items()})
             error, lost = gradient_error(got, want)
             if error > VARIANT_TOLERANCE[variant] or lost:
                 raise VariantMismatch(
                     f"per-example gradients under {VARIANTS[variant]} differ from eager fp32 (relative error "
                     f"{error:.2g}; {lost} of {len(want)} tensors all zero)")
             note = f"per-example grads vs eager fp32: rel. err. {error:.1g}"
-        return (lambda: engine.step(loss_fn, vbatch)), note
+        return timed_step(module, vbatch, losses), note
 
     # --- sampling -------------------------------------------------------------------------------
     def sampling_row(self, sampler: str, steps: int, batch: int) -> dict[str, Any]:
-        """Images/s of `generate` for one batch with the raw denoiser (eval mode)."""
+        """Images/s of `generate` for one batch with the raw denoiser (the private part, eval mode)."""
         self.progress(f"sampling {sampler}, {steps} steps, batch {batch}")
-        denoiser = copy.deepcopy(self.template).eval()
+        row: dict[str, Any] = {"id": f"sample {sampler} steps={steps}", "sampler": sampler, "steps": steps,
+                               "batch": batch, "nfe": None, "ms": None, "times_ms": [], "first_call_ms": None,
+                               "peak_mib": None, "images_per_s": None, "note": ""}
+        if len(self.parts) != 1:
+            row["note"] = f"skipped: {len(self.parts)} private parts, none of them alone is the denoiser"
+            return row
+        (denoiser,) = (copy.deepcopy(part).eval() for part in self.parts.values())
         calls = 0
 
         def counted(*args: Any, **kwargs: Any) -> Tensor:
@@ -685,12 +806,9 @@ class _Benchmark:
             return denoiser(*args, **kwargs)
 
         def run(net: Callable[..., Tensor]) -> None:
-            generate(net, batch, IMAGE_SHAPE, batch, sampler=sampler, num_steps=steps, device=self.device,
-                     num_classes=NUM_CLASSES, seed=self.seed, disable=True)
+            generate(net, batch, tuple(self.info.image_shape), batch, sampler=sampler, num_steps=steps,
+                     device=self.device, num_classes=self.num_classes, seed=self.seed, disable=True)
 
-        row: dict[str, Any] = {"id": f"sample {sampler} steps={steps}", "sampler": sampler, "steps": steps,
-                               "batch": batch, "nfe": None, "ms": None, "times_ms": [], "first_call_ms": None,
-                               "peak_mib": None, "images_per_s": None, "note": ""}
         try:
             run(counted)  # counts denoiser evaluations (and warms up)
             row["nfe"] = calls
@@ -749,7 +867,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     env, settings = result["env"], result["settings"]
     k_min = min(settings["noise_multiplicities"])
     parts = [
-        f"# DP-SGD cost: {settings['model']} UNet, B={settings['batch_size']}"
+        f"# DP-SGD cost: {settings.get('method', 'dpdm')}, {settings['model']} model, B={settings['batch_size']}"
         + (f" in chunks of {settings['physical_batch_size']}"
            if settings.get("physical_batch_size", settings["batch_size"]) < settings["batch_size"] else "")
         + f", {env['device_name']}",
@@ -803,9 +921,11 @@ def compare_markdown(compare: dict[str, Any], env: dict[str, Any], settings: dic
     lines.append(f"then: {then.get('date', '?')}, {then.get('device_name', '?')}, torch {then.get('torch', '?')}, "
                  f"{then.get('threads', '?')} threads")
     differ = [k for k in ("device_name", "torch", "opacus", "threads") if then.get(k) != env.get(k)]
-    then_settings = {"physical_batch_size": compare.get("settings", {}).get("batch_size"),  # absent: one chunk
-                     **compare.get("settings", {})}
-    differ += [k for k in ("model", "batch_size", "physical_batch_size", "sample_batch", "repeats", "warmup")
+    # Absent from older results: one chunk, DPDM, no overrides.
+    then_settings = {"physical_batch_size": compare.get("settings", {}).get("batch_size"), "method": "dpdm",
+                     "overrides": [], **compare.get("settings", {})}
+    differ += [k for k in ("method", "model", "overrides", "batch_size", "physical_batch_size", "sample_batch",
+                           "repeats", "warmup")
                if then_settings.get(k) != settings.get(k)]
     if differ:
         lines.append(f"(environment or settings differ in: {', '.join(differ)})")
@@ -835,7 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time the DP-SGD step against the non-private step (same model, batch, device), "
                     "per per-example gradient mode and noise multiplicity K, and sampling throughput.",
     )
-    p.add_argument("--model", choices=MODELS, default="dpdm", help="UNet config in conf/model/ (default: dpdm)")
+    p.add_argument("--method", choices=METHODS, default="dpdm",
+                   help="method config in conf/method/ whose private step is timed (default: dpdm)")
+    p.add_argument("--model", choices=MODELS, default="dpdm", help="model config in conf/model/ (default: dpdm)")
     p.add_argument("--batch-size", type=int, default=64, help="examples B per step (default: 64)")
     p.add_argument("--physical-batch-size", type=int, default=None,
                    help="examples per forward/backward chunk, gradients accumulated over chunks, in every "
@@ -859,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: benchmarks/results/<device>-<model>)")
     p.add_argument("--compare", default=None, metavar="PREVIOUS.json",
                    help="an earlier run's JSON: adds each row's time now / then")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="Hydra override of the composed config, as for `dp-diffusion train` (repeatable), e.g. "
+                        "--override method.module.variant=finetune; the options above set batch, K, mode and seed")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -877,7 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
             modes=args.modes, samplers=args.samplers, sample_steps=args.sample_steps,
             sample_batch=args.sample_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
             threads=args.threads, out=args.out, compare=args.compare, variants=variants, seed=args.seed,
-            physical_batch_size=args.physical_batch_size,
+            physical_batch_size=args.physical_batch_size, method=args.method, overrides=args.override,
         )
     except BenchSettingsError as err:
         parser.error(str(err))

@@ -12,12 +12,16 @@ import torch
 from dp_diffusion.bench import (
     GRAD_MODES,
     NONPRIVATE,
-    build_denoiser,
+    BenchSettingsError,
+    build_module,
+    compose_config,
     dp_label,
     main,
     make_batch,
-    nonprivate_step,
+    part_losses,
+    row_config,
     run_benchmark,
+    timed_step,
 )
 
 TINY = dict(model="tiny", batch_size=4, noise_multiplicities=(1, 2), samplers=("ddim",), sample_steps=2,
@@ -82,21 +86,69 @@ def test_bad_settings_name_the_option(capsys):
     assert "--physical-batch-size must be in [1, --batch-size=8], got 9" in capsys.readouterr().err
 
 
+def _weights(module):
+    return torch.cat([p.detach().flatten() for part in module.private_parts().values() for p in part.parameters()])
+
+
+def _step(cfg, physical=None, k=2, mode=None, batch_size=5):
+    """A row's module and its timed step, built as the benchmark builds them."""
+    device = torch.device("cpu")
+    module = build_module(row_config(cfg, batch_size, physical, k, mode, seed=0), device)
+    batch = make_batch(cfg, batch_size, device, seed=0)
+    return module, timed_step(module, batch, part_losses(module, device))
+
+
 def test_chunked_nonprivate_step_takes_the_same_step(monkeypatch, one_thread):
     """The baseline accumulates over physical chunks exactly as over one batch (SGD: the update is lr * grad)."""
     monkeypatch.setattr(torch.optim, "Adam", torch.optim.SGD)
-    device = torch.device("cpu")
-    template, loss = build_denoiser("tiny")
-    batch = make_batch(loss, batch_size=5, noise_multiplicity=2, device=device)
+    cfg = compose_config("dpdm", "tiny")
     after = []
     for physical in (None, 2):
-        denoiser = copy.deepcopy(template)
-        nonprivate_step(denoiser, loss, batch, device, physical_batch_size=physical)()
-        after.append(torch.cat([p.detach().flatten() for p in denoiser.parameters()]))
-    start = torch.cat([p.detach().flatten() for p in template.parameters()])
+        module, step = _step(cfg, physical)
+        start = _weights(module)
+        torch.manual_seed(0)  # the same diffusion draws in prepare_batch
+        step()
+        after.append(_weights(module))
     moved = (after[0] - start).abs().max()
     assert moved > 1e-6  # the step did something
     torch.testing.assert_close(after[1] - start, after[0] - start, rtol=1e-4, atol=1e-4 * moved.item())
+
+
+@pytest.mark.parametrize("method", ["dpdm", "dp_syngen"])
+def test_rows_time_the_methods_own_private_step(method, one_thread):
+    """Each row is the method's module built from conf/ (DP, or its non-private twin with the same
+    weights) and its step is the module's private_step: the DP row takes a ledger step, clips and
+    noises; the twin takes the plain step."""
+    from dp_diffusion.methods.dp_syngen import DPSynGen
+    from dp_diffusion.methods.dpdm import DPDM
+
+    cfg = compose_config(method, "tiny")
+    private, private_step = _step(cfg, mode="grouped")
+    twin, twin_step = _step(cfg)
+    assert type(private) is type(twin) is {"dpdm": DPDM, "dp_syngen": DPSynGen}[method]
+    assert private.privacy_spec.enabled and private.privacy_spec.grad_mode == "grouped"
+    assert not twin.privacy_spec.enabled and private.privacy_spec.noise_multiplicity == 2
+    start = _weights(private)
+    torch.testing.assert_close(_weights(twin), start, rtol=0, atol=0)
+    for step in (private_step, twin_step):
+        torch.manual_seed(0)
+        step()
+    assert private.ledger.steps_of(private.mechanism_name("model")) == 1
+    assert twin.ledger.steps_of(twin.mechanism_name("model")) == 0
+    assert not torch.equal(_weights(private), start) and not torch.equal(_weights(twin), start)
+    assert not torch.allclose(_weights(private), _weights(twin))  # clipped and noised: another update
+
+
+def test_overrides_reach_the_composed_config_and_bench_keys_are_refused(capsys):
+    cfg = compose_config("dp_syngen", "tiny", ["method.module.log_tau_cleaning=null"])
+    assert cfg.method.module.log_tau_cleaning is None and cfg.data.name == "mnist"
+    assert cfg.privacy.noise_multiplier == 1.0 and cfg.model.nf == 16
+    with pytest.raises(BenchSettingsError, match="set train.batch_size with --batch-size"):
+        compose_config("dpdm", "tiny", ["train.batch_size=8"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--override", "no_such_group=1"])
+    assert exit_info.value.code == 2
+    assert "--override:" in capsys.readouterr().err
 
 
 def test_training_rows_are_timed_round_robin_and_an_oom_row_is_skipped():
@@ -185,3 +237,25 @@ def test_an_interrupted_run_writes_the_rows_it_finished(monkeypatch, tmp_path, c
     assert saved["sample"] == []
     assert "K in [1] of [1, 2], 0 of 1 samplers" in saved["interrupted"]
     assert "**Partial results**, interrupted (Ctrl-C)" in out.with_suffix(".md").read_text()
+
+
+def test_compare_reads_results_written_before_methods_were_options():
+    """benchmarks/results/*.json predate --method and --override: compared as DPDM with no overrides,
+    row by row id."""
+    from pathlib import Path
+
+    from dp_diffusion.bench import compare_markdown, compare_rows
+
+    old = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" / "cpu-dpdm.json").read_text())
+    assert "method" not in old["settings"]
+    now = {"train": [{"id": f"{NONPRIVATE} K=1", "ms": 2 * old["train"][0]["ms"]},
+                     {"id": "DP grouped K=1", "ms": None}], "sample": []}
+    rows = compare_rows(now, old)
+    assert rows[0]["now_over_then"] == pytest.approx(2.0) and rows[1]["now_over_then"] is None
+    settings = {**old["settings"], "method": "dpdm", "overrides": []}
+    text = compare_markdown({"against": "old.json", "env": old["env"], "settings": old["settings"], "rows": rows},
+                            old["env"], settings)
+    assert "differ in" not in text and f"| {NONPRIVATE} K=1 |" in text
+    assert "differ in: method" in compare_markdown(
+        {"against": "old.json", "env": old["env"], "settings": old["settings"], "rows": rows}, old["env"],
+        {**settings, "method": "dp_syngen"})
