@@ -270,3 +270,32 @@ def test_paper_variant_reports_that_its_epsilon_is_not_a_guarantee(tmp_path):
     assert "NOT a differential-privacy guarantee" in text and "sigma / T" in text
     record = {"kind": "train", "target_epsilon": 10.0, "privacy": {k: v for k, v in report.items() if k != "history"}}
     assert "NOT a differential-privacy guarantee" in not_a_guarantee(record)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [(), ("method.module.privacy_model=paper", "method.module.teacher.source=nonprivate")])
+def test_cpu_experiment_runs_a_few_steps_through_the_cli(tmp_path, variant):
+    """`dp-diffusion train experiment=dp_sad_mnist5k_cpu` (on digits, a few steps), both privacy models: the run
+    writes privacy.json, samples and a results record; only the paper variant's record is marked."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "dp_diffusion", "train", "experiment=dp_sad_mnist5k_cpu", *TINY[:3], *variant,
+               "train.steps=2", "train.batch_size=32", "train.physical_batch_size=32", "public.size=64",
+               "method.module.teacher.steps=2", "method.module.teacher.batch_size=16", "sample.num_samples=4",
+               "sample.num_steps=2", "eval.enabled=false", f"hydra.run.dir={run_dir}",
+               f"results_file={tmp_path / 'all.jsonl'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert (run_dir / "samples.npz").exists() and (run_dir / "checkpoints" / "final.ckpt").exists()
+    report = json.loads((run_dir / "privacy.json").read_text())
+    (record,) = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert record["method"] == "dp_sad" and record["privacy"]["steps"] == 2
+    if variant:
+        assert report["epsilon_is_guarantee"] is False and record["privacy"]["epsilon_is_guarantee"] is False
+        assert "NOT a differential-privacy guarantee" in result.stdout and not_a_guarantee(record)
+    else:
+        assert "epsilon_is_guarantee" not in report and not_a_guarantee(record) is None
+        assert set(report["mechanisms"]) == {"discriminator", "student"} and report["epsilon"] <= 10.0

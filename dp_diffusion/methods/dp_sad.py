@@ -454,7 +454,8 @@ class DPSAD(PrivateDiffusion):
             return Coverage(
                 released=[released[0] + ": the paper's accounting, NOT a DP guarantee"],
                 trained_with_dp=["student, by the paper's mechanism only: each example's gradient at the student's "
-                                 "output clipped and noised (not DP-SGD on its parameters; not a guarantee)"],
+                                 "output clipped and noised (not DP-SGD on its parameters; not a guarantee)",
+                                 *([teacher] if source == "dp" else [])],
                 saw_private_data_without_dp=without,
                 never_saw_private_data=[teacher] if source == "public" else [],
                 notes=[f"DP-SAD privacy_model=paper, teacher.source={source}"],
