@@ -155,7 +155,9 @@ def quiet_third_party_noise() -> None:
                     # check_run_dir decides whether a run dir that holds checkpoints may be used.
                     ".*exists and is not empty.*",
                     # We checkpoint the state after the step: the one the accountant has counted.
-                    "Using ModelCheckpoint with manual optimization.*"):
+                    "Using ModelCheckpoint with manual optimization.*",
+                    # Frozen parts (DP-LDM's autoencoder, DP-SAD's teacher) are kept in eval mode on purpose.
+                    ".*module\\(s\\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

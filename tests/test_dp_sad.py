@@ -268,6 +268,7 @@ def test_paper_variant_reports_that_its_epsilon_is_not_a_guarantee(tmp_path):
     assert any("teacher" in u for u in unprotected) and any("discriminator" in u for u in unprotected)
     text = summary(report)
     assert "NOT a differential-privacy guarantee" in text and "sigma / T" in text
+    assert text.splitlines()[0].endswith("NOT a differential-privacy guarantee (the paper's accounting; see the notes)")
     record = {"kind": "train", "target_epsilon": 10.0, "privacy": {k: v for k, v in report.items() if k != "history"}}
     assert "NOT a differential-privacy guarantee" in not_a_guarantee(record)
 

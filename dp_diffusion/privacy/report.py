@@ -167,6 +167,8 @@ def summary(report: dict[str, Any]) -> str:
             f"steps={report['steps']}/{report['planned_steps']} C={report['max_grad_norm']:g} "
             f"K={report['noise_multiplicity']} N={report['dataset_size']}"
         )
+        if report.get("epsilon_is_guarantee") is False:
+            head += " | NOT a differential-privacy guarantee (the paper's accounting; see the notes)"
     lines = [head, f"  released: {', '.join(covers['released'])}"]
     if covers["trained_with_dp"]:
         lines.append(f"  trained with DP on private data: {', '.join(covers['trained_with_dp'])}")
