@@ -100,7 +100,10 @@ def test_public_stages_are_cached_by_public_config_and_reused_across_epsilon(tmp
     for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     other = build_method(compose_cfg(tmp_path, "method.module.pretraining.latent_steps=4"), info, 1442)
-    assert other.cache_key() != first.cache_key()
+    assert other.cache_key() != first.cache_key() and other.autoencoder_key() == first.autoencoder_key()
+    trainers = CountingTrainers(tmp_path)
+    other.fit_public_stages(trainers)
+    assert trainers.names == ["public_latent"]  # the autoencoder stage has its own key: reused
 
 
 def test_private_fit_changes_only_the_finetuned_part_then_reloads_and_generates(tmp_path):

@@ -44,7 +44,8 @@ from dp_diffusion.privacy import Coverage, PrivacySpec
 from dp_diffusion.sampling import draw_samples, resolve_device
 
 log = logging.getLogger(__name__)
-CACHE_FILE = "public_stages.pt"
+CACHE_FILE = "public_stages.pt"  # both stages (what pretrained=PATH takes)
+AUTOENCODER_FILE = "autoencoder.pt"
 ENCODE_BATCH = 256  # images per encoder call when encoding the public set
 
 
@@ -172,44 +173,64 @@ class DPLDM(PrivateDiffusion):
         return tuple(self.autoencoder.latent_shape)
 
     # ---- public stages ---------------------------------------------------------------------
-    def cache_key(self) -> str:
-        """Key of the public stages: the public set, the two architectures, the loss, the pretraining settings."""
+    def autoencoder_key(self) -> str:
+        """Cache key of the autoencoder stage: the public set, its architecture and its training settings."""
+        s = self.pretraining
         stage = {
             "autoencoder": {"class": type(self.autoencoder).__name__, "f": self.autoencoder.f,
                             "latent_channels": self.autoencoder.latent_channels,
                             "kl_weight": self.autoencoder.kl_weight,
                             "shapes": {k: list(v.shape) for k, v in self.autoencoder.state_dict().items()}},
+            "settings": {k: s[k] for k in ("autoencoder_steps", "autoencoder_batch_size", "autoencoder_lr", "seed")},
+        }
+        return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)
+
+    def cache_key(self) -> str:
+        """Cache key of the latent stage (which holds both stages): the autoencoder stage's key, the latent
+        UNet's architecture, the loss and the latent pretraining settings. Nothing private enters."""
+        stage = {
+            "autoencoder_key": self.autoencoder_key(),
             "backbone": _plain(self._initial_backbone[0].architecture),
             "loss": {"class": type(self.loss).__name__,
                      **{k: v for k, v in vars(self.loss).items() if isinstance(v, (int, float, str, bool))
                         and k not in ("num_classes", "label_dropout")}},
-            "pretraining": self.pretraining,
+            "settings": {k: v for k, v in self.pretraining.items() if not k.startswith("autoencoder_")},
             "conditional": self.num_classes > 0,
         }
         return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)
 
     def fit_public_stages(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
         """Train (or load from `pretrained` or the cache) the public autoencoder and latent model, then set up
-        fine-tuning."""
-        path = Path(self.cache_dir) / self.cache_key() / CACHE_FILE if self.cache_dir else None
+        fine-tuning. Each stage is cached under its own key, so changing the latent stage keeps the autoencoder."""
         if self.pretrained is not None:
             path = Path(self.pretrained)
             if not path.is_file():
-                raise ConfigError(f"method.module.pretrained={self.pretrained}: no such file (give a "
-                                  f"{CACHE_FILE} written by an earlier DP-LDM run's public stages)")
-        if path is not None and path.exists():
+                raise ConfigError(f"pretrained={self.pretrained}: no such file (give a {CACHE_FILE} written by an "
+                                  "earlier DP-LDM run's public stages)")
             state = torch.load(path, map_location="cpu", weights_only=True)
-            log.info("DP-LDM: public stages loaded from %s (public=%s); not trained again", path,
-                     self.public_cfg["name"])
+            log.info("DP-LDM: public stages loaded from pretrained=%s; not trained again", path)
         else:
-            state = self._train_public_stages(make_trainer)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(".partial")
-                torch.save(state, partial)
-                partial.replace(path)  # atomic: an interrupted write never leaves a cache entry
-                log.info("DP-LDM: public stages cached in %s", path)
-        self._load_public_stages(state, str(path or "the public stages"))
+            path = Path(self.cache_dir) / self.cache_key() / CACHE_FILE if self.cache_dir else None
+            # The public stages draw from their own seeds; the private run's global generator continues
+            # as if they had not run, so a run that finds them cached trains exactly as one that made them.
+            with torch.random.fork_rng(devices=[]):
+                state = self._cached(path, "public stages", lambda: self._train_public_stages(make_trainer))
+        self._load_public_stages(state, str(path))
+
+    @staticmethod
+    def _cached(path: Path | None, what: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`make()`'s state, or the one cached at `path` (written atomically when made)."""
+        if path is not None and path.exists():
+            log.info("DP-LDM: %s loaded from the cache %s; not trained again", what, path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        state = make()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            torch.save(state, partial)
+            partial.replace(path)  # atomic: an interrupted write never leaves a cache entry
+            log.info("DP-LDM: %s cached in %s", what, path)
+        return state
 
     def architecture(self) -> dict[str, Any]:
         """What pretrained public stages must match: the latent UNet's constructor settings (classes aside)
@@ -237,14 +258,11 @@ class DPLDM(PrivateDiffusion):
     def _train_public_stages(self, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Any]:
         s = self.pretraining
         public = load_public(self.public_cfg, self._public_info())
-        torch.manual_seed(s["seed"])  # public stages: reproducible from their own seed, whatever the run's
-        log.info("DP-LDM: training the autoencoder on public %s (%d images) for %d steps (no privacy cost)",
-                 public.name, len(public), s["autoencoder_steps"])
-        autoencoder = copy.deepcopy(self.autoencoder).requires_grad_(True).train()
-        make_trainer(s["autoencoder_steps"], "public_autoencoder").fit(
-            AutoencoderStage(autoencoder, public, s["autoencoder_batch_size"], s["autoencoder_lr"], s["seed"],
-                             self.num_workers))
-        autoencoder.eval()
+        ae_path = Path(self.cache_dir) / self.autoencoder_key() / AUTOENCODER_FILE if self.cache_dir else None
+        ae_state = self._cached(ae_path, "public autoencoder", lambda: self._train_autoencoder(public, make_trainer))
+        autoencoder = copy.deepcopy(self.autoencoder)
+        autoencoder.load_state_dict(ae_state)
+        torch.manual_seed(s["seed"] + 1)  # the latent stage's draws: the same whether the autoencoder was cached
         images, labels = self._encode_all(autoencoder, public)
         scale = s["latent_std"] * latent_scale_factor(images)
         latents = TensorDataset(images * scale, labels)
@@ -268,6 +286,17 @@ class DPLDM(PrivateDiffusion):
                 "latent_scale": float(scale),
                 "backbone": self._backbone_of(stage.sampling_denoiser()).state_dict(),
                 "public_classes": public_classes}
+
+    def _train_autoencoder(self, public: Any, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Tensor]:
+        s = self.pretraining
+        torch.manual_seed(s["seed"])  # public stages: reproducible from their own seed, whatever the run's
+        log.info("DP-LDM: training the autoencoder on public %s (%d images) for %d steps (no privacy cost)",
+                 public.name, len(public), s["autoencoder_steps"])
+        autoencoder = copy.deepcopy(self.autoencoder).requires_grad_(True).train()
+        make_trainer(s["autoencoder_steps"], "public_autoencoder").fit(
+            AutoencoderStage(autoencoder, public, s["autoencoder_batch_size"], s["autoencoder_lr"], s["seed"],
+                             self.num_workers))
+        return autoencoder.requires_grad_(False).state_dict()
 
     @staticmethod
     def _backbone_of(denoiser: nn.Module) -> nn.Module:
