@@ -72,8 +72,8 @@ from dp_diffusion.privacy.lightning import DEFAULT_PART
 from dp_diffusion.privacy.per_example import make_per_example_gradients, trainable_parameters
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-METHODS = ("dpdm", "dp_syngen")  # conf/method/ configs of methods that train through the privacy core
-MODELS = tuple(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+METHODS = tuple(sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml")))  # --method: conf/method/
+MODELS = tuple(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))  # --model: conf/model/
 GRAD_MODES = ("grouped", "functorch", "opacus", "ghost")
 NEEDS_GRAD_SAMPLERS = ("grouped", "ghost")  # modes built on privacy/grad_samplers.py
 VARIANTS = {"bf16": "bf16 autocast", "channels_last": "channels-last", "compile": "torch.compile"}
@@ -621,10 +621,11 @@ class _Benchmark:
         overrides = [f"method={self.method}", f"model={self.model}", *BENCH_OVERRIDES, *self.overrides]
         notes = [
             f"method: {self.method} ({type(self.template).__name__}, conf/method/{self.method}.yaml), built by "
-            f"build_method from conf/ with overrides {' '.join(overrides)}; private parts: "
-            f"{', '.join(self.parts)}",
-            f"model: {self.model} (conf/model/{self.model}.yaml), {self.num_params:,} trainable parameters (P) "
-            f"in the private parts, {info.name} shape {tuple(info.image_shape)}, {self.num_classes} classes; "
+            f"build_method from conf/ with overrides {' '.join(overrides)}",
+            f"private parts: {', '.join(f'{name} ({type(part).__name__})' for name, part in self.parts.items())}, "
+            f"{self.num_params:,} trainable parameters (P); model={self.model} (conf/model/{self.model}.yaml) "
+            f"where the method's parts use it; {info.name} shape {tuple(info.image_shape)}, {self.num_classes} "
+            "classes; "
             f"{cfg.diffusion._target_.rsplit('.', 1)[-1]} loss; "
             "weights: init + N(0, 0.01^2) so no gradient is identically zero",
             "every row: the module's prepare_batch (the K noise draws) then private_step per private part, as "
