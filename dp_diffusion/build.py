@@ -53,16 +53,30 @@ def data_shapes(info: DatasetInfo, num_classes: int) -> dict[str, Any]:
             "image_shape": tuple(info.image_shape)}
 
 
+def parameters_of(target: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The named parameters `target` takes and whether it takes any keyword besides. A class whose `__init__`
+    passes `**settings` on to its base (a method forwarding the run's settings to `PrivateDiffusion`) takes
+    its base's parameters too: the walk up the class's bases stops at the first `__init__` without `**`."""
+    owners = [c for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    named: dict[str, inspect.Parameter] = {}
+    for owner in owners:
+        try:
+            signature = inspect.signature(owner.__init__ if inspect.isclass(owner) else owner)
+        except (TypeError, ValueError):  # no introspectable signature: nothing known
+            return named, False
+        for name, p in signature.parameters.items():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self":
+                named.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return named, False
+    return named, True
+
+
 def accepted(target: Callable[..., Any], offered: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of `offered` that `target` takes: those it names as parameters, all if it takes **kwargs."""
-    try:
-        parameters = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):  # no introspectable signature: offer nothing
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return dict(offered)
-    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {key: value for key, value in offered.items() if key in names}
+    """The entries of `offered` that `target` takes: those it names as parameters (see `parameters_of`), all
+    if it takes any keyword."""
+    named, takes_any = parameters_of(target)
+    return dict(offered) if takes_any else {key: value for key, value in offered.items() if key in named}
 
 
 def locate(path: str) -> Any:
@@ -142,15 +156,15 @@ def check_arguments(method_cls: type, parts: Mapping[str, Any], module_args: Map
                     run_args: Mapping[str, Any]) -> None:
     """One-line errors for a part or `method.module` key the method does not take, and for a constructor
     argument that no part, `method.module` key or run setting gives."""
-    parameters = inspect.signature(method_cls).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    parameters, takes_any = parameters_of(method_cls)
     for group, names in (("method.parts", parts), ("method.module", module_args)):
         unknown = [name for name in names if name not in parameters and not takes_any]
         if unknown:
             what = "part" if group == "method.parts" else "argument"
             raise ConfigError(f"{group}.{unknown[0]}: {method_cls.__name__} takes no {what} {unknown[0]!r} "
                               f"(its constructor takes {', '.join(parameters)})")
-    missing = [name for name, p in parameters.items()
+    own = inspect.signature(method_cls).parameters  # required: the class's own (a base's come via **settings)
+    missing = [name for name, p in own.items()
                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                and name not in parts and name not in module_args and name not in run_args]
     if missing:

@@ -81,6 +81,8 @@ def test_no_public_set_and_a_bad_finetune_mode_are_one_line_errors(tmp_path):
         build_method(compose_cfg(tmp_path, public=("public=none",)), dataset_info("digits"), 1442)
     with pytest.raises(ConfigError, match="method.finetune"):
         build_method(compose_cfg(tmp_path, "method.module.finetune=heads"), dataset_info("digits"), 1442)
+    with pytest.raises(ConfigError, match="method.module.lrr: DPLDM takes no argument"):
+        build_method(compose_cfg(tmp_path, "+method.module.lrr=0.1"), dataset_info("digits"), 1442)
     with pytest.raises(ConfigError, match="pretraining.latent_steps"):
         build_method(compose_cfg(tmp_path, "method.module.pretraining.latent_steps=0"), dataset_info("digits"), 1442)
 

@@ -116,12 +116,7 @@ class DPLDM(PrivateDiffusion):
         autoencoder: AutoencoderKL,
         backbone: LatentUNet,
         loss: DiffusionLoss,
-        privacy: PrivacySpec,
-        batch_size: int,
-        physical_batch_size: int,
-        steps: int,
-        image_shape: tuple[int, int, int],
-        num_classes: int = 0,
+        *,
         finetune: str = "condition",
         lora_rank: int = 4,
         lora_alpha: float | None = None,
@@ -130,25 +125,22 @@ class DPLDM(PrivateDiffusion):
         pretraining: Mapping[str, Any] | None = None,
         cache_dir: str | None = "runs/public_cache",
         pretrained: str | None = None,
-        lr: float = 3e-4,
-        ema_decay: float = 0.999,
-        seed: int = 0,
-        num_workers: int = 0,
+        **settings: Any,
     ) -> None:
+        """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...)."""
         self.public_cfg = _plain(public)
         if not self.public_cfg or self.public_cfg.get("name") in (None, "none"):
             raise ConfigError("method=dp_ldm pretrains on a public set: choose one, e.g. public=digits "
                               "(offline), public=dead_leaves (offline) or public=emnist")
-        settings = pretraining_settings(pretraining)
+        pretraining = pretraining_settings(pretraining)
         # The untrained architecture, kept (outside the module tree) to build the public pretraining model.
         initial = copy.deepcopy(backbone)
         summary = select_trainable(backbone, finetune, lora_rank=lora_rank, lora_alpha=lora_alpha)
-        super().__init__(backbone, loss, privacy, batch_size, physical_batch_size, steps, image_shape,
-                         num_classes=num_classes, lr=lr, ema_decay=ema_decay, seed=seed, num_workers=num_workers)
+        super().__init__(backbone, loss, **settings)
         self.autoencoder = autoencoder.requires_grad_(False)  # no dropout or batch statistics: mode-free
         self.finetune = finetune
         self.finetune_summary: FinetuneSummary = summary
-        self.pretraining = settings
+        self.pretraining = pretraining
         self.cache_dir = cache_dir
         self.pretrained = pretrained
         self.data_name = data_name

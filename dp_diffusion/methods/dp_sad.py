@@ -111,12 +111,7 @@ class DPSAD(PrivateDiffusion):
         teacher_backbone: nn.Module,
         discriminator: nn.Module,
         loss: DiffusionLoss,
-        privacy: PrivacySpec,
-        batch_size: int,
-        physical_batch_size: int,
-        steps: int,
-        image_shape: tuple[int, int, int],
-        num_classes: int = 0,
+        *,
         privacy_model: str = "sound",
         adversarial_weight: float = 1.0,
         num_timesteps: int = 500,
@@ -124,12 +119,10 @@ class DPSAD(PrivateDiffusion):
         teacher: Mapping[str, Any] | None = None,
         public: Mapping[str, Any] | None = None,
         data_name: str = "",
-        lr: float = 3e-4,
         discriminator_lr: float = 3e-4,
-        ema_decay: float = 0.999,
-        seed: int = 0,
-        num_workers: int = 0,
+        **settings: Any,
     ) -> None:
+        """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...)."""
         if privacy_model not in PRIVACY_MODELS:
             raise ConfigError(f"method.module.privacy_model must be one of {PRIVACY_MODELS}, got {privacy_model!r}")
         if not (isinstance(adversarial_weight, (int, float)) and adversarial_weight >= 0):
@@ -137,16 +130,15 @@ class DPSAD(PrivateDiffusion):
                               f"got {adversarial_weight!r}")
         if not (isinstance(num_timesteps, int) and num_timesteps >= 1):
             raise ConfigError(f"method.module.num_timesteps must be an integer >= 1, got {num_timesteps!r}")
-        settings = TeacherSettings.from_config(teacher)
-        if settings.source == "nonprivate" and privacy_model == "sound":
+        teacher_settings = TeacherSettings.from_config(teacher)
+        if teacher_settings.source == "nonprivate" and privacy_model == "sound":
             raise ConfigError("method.module.teacher.source=nonprivate trains the teacher on the private data without "
                               "DP: allowed only with method.module.privacy_model=paper (use source=dp or public)")
         self.public_cfg = _plain(public)
-        if settings.source == "public" and self.public_cfg.get("name") in (None, "none"):
+        if teacher_settings.source == "public" and self.public_cfg.get("name") in (None, "none"):
             raise ConfigError("method.module.teacher.source=public pretrains the teacher on a public set: choose one, "
                               "e.g. public=dead_leaves (offline) or public=emnist")
-        super().__init__(student, loss, privacy, batch_size, physical_batch_size, steps, image_shape,
-                         num_classes=num_classes, lr=lr, ema_decay=ema_decay, seed=seed, num_workers=num_workers)
+        super().__init__(student, loss, **settings)
         self._initial_teacher = [copy.deepcopy(teacher_backbone)]  # a list: outside the module tree
         self.teacher = loss.precondition(teacher_backbone).requires_grad_(False).eval()
         self.discriminator = discriminator
@@ -154,7 +146,7 @@ class DPSAD(PrivateDiffusion):
         self.adversarial_weight = float(adversarial_weight)
         self.num_timesteps = num_timesteps
         self.paper_noise_scaling = bool(paper_noise_scaling)
-        self.teacher_settings = settings
+        self.teacher_settings = teacher_settings
         self.data_name = data_name
         self.discriminator_lr = discriminator_lr
         self.discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=discriminator_lr)

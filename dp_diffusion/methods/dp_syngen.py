@@ -100,21 +100,14 @@ class DPSynGen(PrivateDiffusion):
         self,
         backbone: nn.Module,
         loss: DiffusionLoss,
-        privacy: PrivacySpec,
-        batch_size: int,
-        physical_batch_size: int,
-        steps: int,
-        image_shape: tuple[int, int, int],
-        num_classes: int = 0,
+        *,
         variant: str = "switching",
         log_tau_coarse: float | None = 2.0,
         log_tau_cleaning: float | None = -3.0,
         synthetic: Mapping[str, Any] | None = None,
-        lr: float = 3e-4,
-        ema_decay: float = 0.999,
-        seed: int = 0,
-        num_workers: int = 0,
+        **settings: Any,
     ) -> None:
+        """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...)."""
         if variant not in VARIANTS:
             raise ConfigError(f"method.module.variant must be one of {VARIANTS}, got {variant!r}")
         try:
@@ -124,7 +117,7 @@ class DPSynGen(PrivateDiffusion):
         if variant == "switching" and ranges.present() == ("context",):
             raise ConfigError("method.module.variant=switching needs log_tau_coarse or log_tau_cleaning (or both) "
                               "set; with neither there is no synthetic stage (that is DPDM)")
-        settings = SyntheticSettings.from_config(synthetic)
+        synthetic_settings = SyntheticSettings.from_config(synthetic)
         # Stage backbones start from a copy of the untrained backbone: its initialization is random
         # and data-independent, so the copies carry no private information.
         initial_backbone = copy.deepcopy(backbone)
@@ -134,11 +127,10 @@ class DPSynGen(PrivateDiffusion):
                 loss = restrict_loss(loss, *ranges.bounds("context"))  # truncated, not rejected
             except ValueError as err:
                 raise ConfigError(f"method.module: context stage {ranges.describe('context')}: {err}") from None
-        super().__init__(backbone, loss, privacy, batch_size, physical_batch_size, steps, image_shape,
-                         num_classes=num_classes, lr=lr, ema_decay=ema_decay, seed=seed, num_workers=num_workers)
+        super().__init__(backbone, loss, **settings)
         self.variant = variant
         self.ranges = ranges
-        self.synthetic = settings
+        self.synthetic = synthetic_settings
         self.base_loss = base_loss
         self._initial_backbone = [initial_backbone]  # a list keeps it out of the module tree and checkpoint
         # Frozen synthetic-stage denoisers (EMA weights), saved in the module's checkpoint.
