@@ -386,25 +386,12 @@ class DPSAD(PrivateDiffusion):
         if self.adversarial and num_examples > 0:
             loss = self.discriminator_loss(self.discriminator, prepared).mean()
             self.log("discriminator/loss", self.public_step(self.discriminator_optimizer, loss), batch_size=1)
-        params = list(trainable_parameters(self.denoiser).values())
-        if num_examples > 0:
-            labels = prepared.get("labels")
-            out = self.denoiser(self._rows(prepared, "noisy"), self._rows(prepared, "sigma"),
-                                None if labels is None else labels.reshape(-1))
-            if self.sanitiser is not None:
-                out = self.sanitiser(out, num_examples=num_examples)
-                total = self.student_objective(out, prepared).sum()  # the sanitiser divides by the expected B
-            else:
-                total = self.student_objective(out, prepared).sum() / self.plan.expected_batch_size
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-        else:
-            grads = [None] * len(params)
-        for p, grad in zip(params, grads):
-            p.grad = torch.zeros_like(p) if grad is None else grad
-        self._wrapped(self._student_optimizer).step()  # through Lightning's wrapper: one global step
-        self._student_optimizer.zero_grad(set_to_none=True)
-        if self.privacy_spec.enabled:
-            self.ledger.step(self.plan.noise_multiplier, self.plan.sample_rate, mechanism=PAPER_MECHANISM)
+        labels = prepared.get("labels")
+        self.sanitised_output_step(
+            "student", self._student_optimizer, self.sanitiser,
+            lambda: self.denoiser(self._rows(prepared, "noisy"), self._rows(prepared, "sigma"),
+                                  None if labels is None else labels.reshape(-1)),
+            lambda out: self.student_objective(out, prepared), num_examples, self.plan.expected_batch_size)
 
     # ---- what the guarantee covers ----------------------------------------------------------------------
     def privacy_report(self) -> dict[str, Any]:

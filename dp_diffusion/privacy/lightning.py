@@ -260,6 +260,39 @@ class PrivateTrainingModule(L.LightningModule):
         optimizer = self._wrapped(engine.optimizer) if first else engine.optimizer
         return engine.step(loss_fn, batch, optimizer.step)
 
+    def sanitised_output_step(self, part: str, optimizer: Optimizer, sanitiser: Any | None,
+                              output_fn: Callable[[], Tensor], objective_fn: Callable[[Tensor], Tensor],
+                              num_examples: int, expected_batch_size: float) -> None:
+        """One step of private part `part` whose per-example gradients are sanitised at the part's OUTPUT
+        (`output_sanitiser.OutputSanitiser`: each example's output gradient clipped to C, noise sigma*C), not
+        at its parameters: the DP-SAD paper's mechanism, which bounds no example's effect on the weights, so
+        its ledger steps are the paper's accounting, not a guarantee (the method's report must say so).
+
+        `output_fn()` is the part's output on the batch (example-major rows), `objective_fn(out)` its
+        per-example objective; gradients of the part's trainable parameters only, one optimizer step through
+        Lightning's wrapper (one trainer step), one ledger step under the part's mechanism name when private.
+        """
+        if not self.dp.step_allowed:
+            raise PrivacyError("sanitised_output_step after the budget guard refused the batch: training_step "
+                               "must return when start_logical_step() is False")
+        params = list(trainable_parameters(self.private_parts()[part]).values())
+        if num_examples > 0:
+            out = output_fn()
+            if sanitiser is not None:
+                total = objective_fn(sanitiser(out, num_examples=num_examples)).sum()  # it divides by B
+            else:
+                total = objective_fn(out).sum() / expected_batch_size
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        else:  # an empty Poisson batch: a zero update (the noise of an empty batch is the sanitiser's to add)
+            grads = [None] * len(params)
+        for p, grad in zip(params, grads):
+            p.grad = torch.zeros_like(p) if grad is None else grad
+        self._wrapped(optimizer).step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.privacy_spec.enabled:
+            plan = self.ensure_plan()
+            self.ledger.step(plan.noise_multiplier, plan.sample_rate, mechanism=self.mechanism_name(part))
+
     def public_step(self, optimizer: Optimizer, loss: Tensor) -> Tensor:
         """One ordinary step of a non-private part: gradients of `loss` for `optimizer`'s parameters only
         (so a private part's .grad is untouched), averaged across ranks, then the optimizer's step.
