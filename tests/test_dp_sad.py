@@ -300,3 +300,30 @@ def test_cpu_experiment_runs_a_few_steps_through_the_cli(tmp_path, variant):
     else:
         assert "epsilon_is_guarantee" not in report and not_a_guarantee(record) is None
         assert set(report["mechanisms"]) == {"discriminator", "student"} and report["epsilon"] <= 10.0
+
+
+def test_sound_variant_composed_epsilon_matches_google_dp_accounting(tmp_path):
+    """The sound variant's reported epsilon (RDP) composes the ledger's three mechanisms (the DP teacher's history,
+    the discriminator's and the student's steps) as Google's dp-accounting RDP accountant does, within 1%."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    teacher_ckpt = dp_teacher(tmp_path)
+    cfg = compose_cfg(tmp_path, "privacy.epsilon=10", "privacy.accountant=rdp", "method.module.teacher.source=dp",
+                      f"method.module.teacher.checkpoint={teacher_ckpt}")
+    module = built(cfg)
+    fit(module, cfg, tmp_path)
+    mechanisms = module.ledger.mechanisms
+    assert set(mechanisms) == {TEACHER_MECHANISM, "discriminator", "student"}
+    assert module.ledger.steps_of("student") == module.ledger.steps_of("discriminator") == 2
+    assert mechanisms[TEACHER_MECHANISM][0][0] != mechanisms["student"][0][0]  # two different sigmas composed
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for entries in mechanisms.values() for sigma, q, steps in entries
+    ]))
+    google = accountant.get_epsilon(1e-5)
+    report = module.privacy_report()
+    assert report["epsilon_accountant"] == "rdp" and report["epsilon"] == report["epsilon_rdp"]
+    assert report["epsilon"] == pytest.approx(google, rel=0.01)
+    assert 5 < report["epsilon"] <= 10  # more than the teacher's epsilon 5 alone, within the total target
