@@ -63,13 +63,14 @@ from torch.utils.data import Dataset
 
 from dp_diffusion import allocator
 from dp_diffusion.build import build_method
-from dp_diffusion.config import ConfigError, validate_config
+from dp_diffusion.config import ConfigError
+from dp_diffusion.run_config import validate_config
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.diffusion.samplers import SAMPLERS, generate
 from dp_diffusion.privacy import PrivateOptimization, PrivateTrainingModule
 from dp_diffusion.privacy.grad_samplers import supports
-from dp_diffusion.privacy.lightning import DEFAULT_PART
 from dp_diffusion.privacy.per_example import make_per_example_gradients, trainable_parameters
+from dp_diffusion.privacy.validation import PrivacyError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METHODS = tuple(sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml")))  # --method: conf/method/
@@ -208,16 +209,8 @@ def _autocast(device: torch.device, variant: str | None):
 def part_losses(module: PrivateTrainingModule, device: torch.device,
                 variant: str | None = None) -> dict[str, Callable[[Any, Any], Tensor]]:
     """Each private part's per-example loss as the module's `training_step` passes it to `private_step`
-    (under the variant's autocast). A single-part method: `per_example_loss`; a method with several
-    private parts says which loss trains which through `per_example_losses()`."""
-    parts = list(module.private_parts())
-    if hasattr(module, "per_example_losses"):
-        losses = dict(module.per_example_losses())
-    elif parts == [DEFAULT_PART]:
-        losses = {DEFAULT_PART: module.per_example_loss}
-    else:
-        raise BenchSettingsError(f"{type(module).__name__} has private parts {parts} but no per_example_losses(): "
-                                 "the benchmark cannot tell which loss trains which part")
+    (under the variant's autocast): the module's `per_example_losses()`."""
+    losses = module.per_example_losses()
     if variant != "bf16":
         return losses
 
@@ -729,6 +722,8 @@ class _Benchmark:
             step = None
             if _is_oom(err):
                 row["note"] = "skipped: out of memory"
+            elif isinstance(err, PrivacyError):  # the mode cannot handle this model (said in one line)
+                row["note"] = f"skipped: {_first_line(err)}"
             elif variant is None:
                 raise
             else:
@@ -774,7 +769,7 @@ class _Benchmark:
             eager = part_losses(module, self.device)
             got, want = {}, {}
             for part, loss_fn in losses.items():
-                engine: PrivateOptimization = module._engines[part]  # the part's engine, as private_step uses it
+                engine: PrivateOptimization = module.engine(part)  # the part's engine, as private_step uses it
                 grads, _ = engine.gradients(loss_fn, vprepared)
                 got.update({f"{part}.{name}": g for name, g in grads.items()})
                 reference = make_per_example_gradients(copy.deepcopy(self.parts[part]), mode)

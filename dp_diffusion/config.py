@@ -13,8 +13,7 @@ The pieces, used the same way by every module that reads a config block:
 
 This module imports nothing from `dp_diffusion`, so the data, privacy and method modules can all use it
 without an import cycle. The checks of a whole composed run config (which need the registries of those
-modules) are in :mod:`dp_diffusion.run_config`; `validate_config`, `validate_privacy`, `validate_training`
-and `validate_sampling` are still importable from here.
+modules) are in :mod:`dp_diffusion.run_config`.
 """
 
 from __future__ import annotations
@@ -169,17 +168,3 @@ class Settings:
     def require(self, ok: bool, name: str, allowed: str) -> None:
         """`require` for field `name` of this block."""
         require(ok, self.key(name), getattr(self, name), allowed)
-
-
-_MOVED = ("validate_config", "validate_privacy", "validate_training", "validate_sampling")
-
-
-def __getattr__(name: str) -> Any:
-    # The run-config checks import the registries of data, diffusion, privacy and methods, which import this
-    # module: they live in dp_diffusion.run_config and are forwarded here for the modules that import them
-    # from dp_diffusion.config (the one allowed lazy import, see tests/test_imports.py).
-    if name in _MOVED:
-        from dp_diffusion import run_config
-
-        return getattr(run_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

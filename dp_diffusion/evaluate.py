@@ -10,8 +10,10 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dp_diffusion.config import ConfigError, validate_sampling
-from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.config import ConfigError
+from dp_diffusion.run_config import validate_sampling
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.metrics import BackboneUnavailableError, compute_fidelity, downstream_accuracy
 from dp_diffusion.sampling import load_samples, resolve_device, save_samples
 

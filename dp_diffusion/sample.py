@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dp_diffusion.build import CONFIG_KEY, build_method
 from dp_diffusion.checkpoints import CheckpointError, read_checkpoint
-from dp_diffusion.config import validate_sampling
+from dp_diffusion.run_config import validate_sampling
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.sampling import save_samples

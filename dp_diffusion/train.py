@@ -27,8 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from dp_diffusion.build import CONFIG_KEY, build_method, config_to_dict
 from dp_diffusion.checkpoints import (CHECKPOINT_DIR, INTERRUPTED, SafeCheckpointIO, check_run_dir,
                                       clear_checkpoints, read_checkpoint)
-from dp_diffusion.config import ConfigError, validate_config, validate_privacy
-from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.config import ConfigError
+from dp_diffusion.run_config import validate_config, validate_privacy
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.privacy.report import describe_evaluation

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from dp_diffusion.data.registry import build_datamodule
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.metrics.backbones import DOMAIN_BACKBONE_VERSION, DomainBackboneConfig, build_domain_backbone
 from dp_diffusion.metrics.backbones import extract_features
 from dp_diffusion.metrics.classifiers import CNN, MLP, ConvNet, DomainCNN, accuracy, fit_classifier

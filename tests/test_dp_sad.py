@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from dp_diffusion.build import build_method, config_to_dict
 from dp_diffusion.cli import CONF_DIR
 from dp_diffusion.config import ConfigError
-from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.methods.dp_sad import DPSAD, PAPER_MECHANISM, TEACHER_MECHANISM
 from dp_diffusion.privacy import summary
 from dp_diffusion.privacy.accounting import calibrate_noise_multiplier, headline_epsilon

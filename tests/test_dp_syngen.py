@@ -21,7 +21,8 @@ from torch import nn
 from dp_diffusion.build import build_method, config_to_dict
 from dp_diffusion.cli import CONF_DIR
 from dp_diffusion.config import ConfigError
-from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.diffusion.losses import LOSSES, EDMLoss, VELoss
 from dp_diffusion.diffusion.samplers import SAMPLERS, cfg_denoise, generate
 from dp_diffusion.diffusion.stages import (

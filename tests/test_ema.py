@@ -14,7 +14,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from dp_diffusion.build import build_method
 from dp_diffusion.cli import CONF_DIR
-from dp_diffusion.data.registry import build_datamodule, dataset_info
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.diffusion.losses import EDMLoss
 from dp_diffusion.methods.diffusion_module import ema_decay_at, ema_with_warmup
 from dp_diffusion.methods.dpdm import DPDM

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from dp_diffusion.build import build_method
 from dp_diffusion.cli import CONF_DIR
-from dp_diffusion.config import validate_config
+from dp_diffusion.run_config import validate_config
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.privacy import make_plan
 

@@ -243,7 +243,7 @@ def test_config_accepts_grad_mode_ghost():
     from hydra import compose, initialize_config_dir
 
     from dp_diffusion.cli import CONF_DIR
-    from dp_diffusion.config import validate_config
+    from dp_diffusion.run_config import validate_config
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         validate_config(compose("config", overrides=["privacy.grad_mode=ghost"]))

@@ -21,12 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (importer, imported): function-local imports that close a cycle, and why they are still there.
 ALLOWED_LAZY: dict[tuple[str, str], str] = {
-    ("dp_diffusion.config", "dp_diffusion.run_config"):
-        "config forwards validate_config/_privacy/_training/_sampling to run_config for the modules that still "
-        "import them from dp_diffusion.config (train, bench, audit/run, evaluate, sample)",
-    ("dp_diffusion.data.registry", "dp_diffusion.data.datamodule"):
-        "registry forwards build_datamodule for the modules that still import it from dp_diffusion.data.registry "
-        "(train, evaluate, audit/run, metrics/backbones) instead of dp_diffusion.data",
     ("dp_diffusion.privacy.self_check", "dp_diffusion.cli"):
         "privacy/self_check.measure (a timing helper) reads CONF_DIR from the CLI module; CONF_DIR belongs in "
         "a module below both",

@@ -14,7 +14,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from dp_diffusion.data.registry import build_datamodule
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.metrics import backbones as bb
 from dp_diffusion.metrics.backbones import (
     BackboneUnavailableError,

@@ -175,7 +175,8 @@ def test_secure_mode_training_masks_have_rate_q():
 def test_reproducible_and_secure_mode_together_is_a_config_error():
     from omegaconf import OmegaConf
 
-    from dp_diffusion.config import ConfigError, validate_privacy
+    from dp_diffusion.config import ConfigError
+    from dp_diffusion.run_config import validate_privacy
 
     base = dict(enabled=True, noise_multiplicity=1, grad_mode="auto", epsilon=1.0, delta=1e-5, max_grad_norm=1.0,
                 accountant="rdp", noise_multiplier=None, secure_mode=True, reproducible=False)

@@ -27,8 +27,10 @@ from dp_diffusion.audit.bounds import audit_bounds
 from dp_diffusion.audit.canaries import add_canaries, audit_dataset, binary_pattern_images, draw_membership
 from dp_diffusion.audit.whitebox import CanaryUpdateRecorder, dirac_scale
 from dp_diffusion.build import build_method, config_to_dict
-from dp_diffusion.config import ConfigError, validate_config, validate_privacy
-from dp_diffusion.data.registry import dataset_info, build_datamodule
+from dp_diffusion.config import ConfigError
+from dp_diffusion.run_config import validate_config, validate_privacy
+from dp_diffusion.data.registry import dataset_info
+from dp_diffusion.data import build_datamodule
 from dp_diffusion.evaluate import append_results
 from dp_diffusion.privacy import PrivateTrainingModule
 

@@ -9,7 +9,6 @@ loaded. Loading lives in :mod:`dp_diffusion.data.sources`, the datamodule and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from dp_diffusion.config import ConfigError
 
@@ -80,14 +79,3 @@ def dataset_info(name: str) -> DatasetInfo:
     except (KeyError, TypeError):
         known = ", ".join(available_datasets())
         raise UnknownDatasetError(f"unknown data set {name!r}; data.name must be one of: {known}") from None
-
-
-def __getattr__(name: str) -> Any:
-    # build_datamodule lives in dp_diffusion.data.datamodule (it builds an ImageDataModule, and this module
-    # must not import Lightning); forwarded for the modules that still import it from here (the one allowed
-    # lazy import of the data package, see tests/test_imports.py). Import it from dp_diffusion.data.
-    if name == "build_datamodule":
-        from dp_diffusion.data.datamodule import build_datamodule
-
-        return build_datamodule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -343,6 +343,12 @@ class DPSAD(PrivateDiffusion):
                                               num_examples=prepared["sigma"].shape[0],
                                               **self._discriminator_inputs(prepared))
 
+    def per_example_losses(self) -> dict[str, Any]:
+        """The private parts' per-example losses, as `training_step` steps them (sound: the discriminator's,
+        if it plays, and the student's)."""
+        losses = {"discriminator": self.discriminator_loss, "student": self.student_loss}
+        return {part: losses[part] for part in self.private_parts()}
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         if not self.start_logical_step():
             return None

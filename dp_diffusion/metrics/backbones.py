@@ -426,7 +426,7 @@ def _load_reference_from_registry(dataset: str, split: str) -> tuple[Tensor, Ten
             f"loading split '{split}' of '{dataset}' by name is not supported; pass images and labels"
         )
     try:
-        from dp_diffusion.data.registry import build_datamodule
+        from dp_diffusion.data import build_datamodule
     except ImportError as err:  # pragma: no cover - depends on the data package being present
         raise RuntimeError(
             f"cannot load '{dataset}' by name (dp_diffusion.data.registry unavailable: {err}); "

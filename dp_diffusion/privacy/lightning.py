@@ -243,6 +243,15 @@ class PrivateTrainingModule(L.LightningModule):
         self.log_step(stats)
         return None
 
+    def per_example_losses(self) -> dict[str, Callable[[Any, Any], Tensor]]:
+        """Each private part's per-example loss, as `training_step` passes it to `private_step` (default: the
+        one part's `per_example_loss`). What `dp-diffusion bench` times for each part."""
+        return {part: self.per_example_loss for part in self.private_parts()}
+
+    def engine(self, part: str) -> PrivateOptimization:
+        """The DP-SGD engine of private part `part` (built by `configure_optimizers`)."""
+        return self._engines[part]
+
     def private_step(self, part: str, loss_fn: Callable[[Any, Any], Tensor], batch: Any) -> dict[str, Tensor]:
         """One logical DP-SGD step for private part `part`: per-example gradients of `loss_fn(model, batch)`
         (shape (B,)) for that part's trainable parameters only, clipping, noise from the run's noise stream,

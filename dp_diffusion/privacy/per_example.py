@@ -137,6 +137,10 @@ class OpacusHookGradients:
         grads = {}
         for name, p in params.items():
             rows = p.grad_sample
+            if rows is None:  # the loss reached it, but not through a layer Opacus hooks (or not at all)
+                raise PrivacyError(f"privacy.grad_mode=opacus formed no per-example gradient for {name}: it is used "
+                                   "outside the layers Opacus hooks (or not by the loss); use grad_mode=grouped or "
+                                   "functorch")
             # The loss repeats each example K times contiguously (B*K rows);
             # the example's gradient is the sum over its K rows.
             grads[name] = rows.reshape(num_examples, -1, *p.shape).sum(dim=1)
