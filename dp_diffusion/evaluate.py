@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dp_diffusion.config import ConfigError
+from dp_diffusion.config import ConfigError, is_int, one_of, require
 from dp_diffusion.run_config import validate_sampling
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.data import build_datamodule
@@ -22,14 +22,12 @@ REAL_SAMPLES = ("real-train", "real-test")
 
 
 def validate_eval(eval_cfg: DictConfig) -> None:
-    if eval_cfg.reference_split not in REFERENCE_SPLITS:
-        raise ConfigError(
-            f"eval.reference_split must be one of {REFERENCE_SPLITS}, got {eval_cfg.reference_split!r}"
-        )
+    """One-line ConfigError for a bad `eval` block (the shared rules of `dp_diffusion.config`)."""
+    one_of(REFERENCE_SPLITS).check("eval.reference_split", eval_cfg.reference_split)
     fewest = minimum_samples(eval_cfg)
-    if not isinstance(eval_cfg.num_samples, int) or eval_cfg.num_samples < fewest:
-        raise ConfigError(f"eval.num_samples must be an integer >= {fewest} for eval.metrics="
-                          f"{list(eval_cfg.metrics)}, got {eval_cfg.num_samples!r}")
+    n = eval_cfg.num_samples
+    require(is_int(n) and n >= fewest, "eval.num_samples", n,
+            f"an integer >= {fewest} for eval.metrics={list(eval_cfg.metrics)}")
 
 
 def minimum_samples(eval_cfg: DictConfig) -> int:
