@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from test_data import random_images, write_celeba, write_idx
-from test_dp_ldm import cheap_trainer
+from test_dp_ldm import CountingTrainers, cheap_trainer
 from test_public_data import write_imagenet
 
 from dp_diffusion.build import build_method
@@ -45,6 +45,7 @@ TINY = {
         "method.module.teacher.steps=2", f"method.module.teacher.batch_size={BATCH}",
     ],
 }
+PUBLIC_STAGES = {"dp_ldm": ["public_autoencoder", "public_latent"], "dp_sad": ["public_teacher"]}
 RUN = ["train.steps=2", f"train.batch_size={BATCH}", f"train.physical_batch_size={BATCH}"]
 
 
@@ -130,9 +131,9 @@ def test_paper_config_composes_validates_and_runs_two_private_steps(name, tmp_pa
     assert len(train_set) == NUM_TRAIN
     module = build_method(cfg, dataset_info(cfg.data.name), len(train_set))
     module.attach_private_data(train_set)
-    stages = []
-    module.fit_public_stages(lambda steps, stage: stages.append(stage) or cheap_trainer(tmp_path / stage, steps))
-    assert stages, "no public stage was trained"
+    trainers = CountingTrainers(tmp_path)
+    module.fit_public_stages(trainers)
+    assert trainers.names == PUBLIC_STAGES[method]
     trainer = cheap_trainer(tmp_path, module.planned_steps)
     trainer.fit(module)
 
