@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dp_diffusion.nets.unet import ResBlock, _conv, _group_norm, _init, positional_embedding
+from dp_diffusion.nets.unet import ResBlock, _conv, _group_norm, _init, positional_embedding, run_levels
 
 __all__ = ["Attention", "FeedForward", "TransformerBlock", "ClassEmbedder", "LatentUNet"]
 
@@ -313,16 +313,4 @@ class LatentUNet(nn.Module):
         def run(module: nn.Module, h: Tensor) -> Tensor:
             return module(h, context) if isinstance(module, TransformerBlock) else module(h, emb)
 
-        h = self.conv_in(x)
-        skips = [h]
-        for module, push in zip(self.down, self._down_pushes):
-            h = run(module, h)
-            if push:
-                skips.append(h)
-        for module in self.mid:
-            h = run(module, h)
-        for module, pop in zip(self.up, self._up_pops):
-            if pop:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = run(module, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(run_levels(self, self.conv_in(x), run))))

@@ -24,11 +24,11 @@ is zero, which the EDM/v-prediction wrappers turn into D(x) = c_skip * x.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 RESAMPLE_KINDS = ("biggan", "ddpm")
 
@@ -171,6 +171,24 @@ class Resample(nn.Module):
         return self.conv(x)
 
 
+def run_levels(net: nn.Module, h: Tensor, run: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    """The encoder-bottleneck-decoder pass of a UNet with `down`, `mid` and `up` module lists: `run(module, h)`
+    applies one block; `_down_pushes[i]` says whether down block i's output is a skip connection and
+    `_up_pops[i]` whether up block i takes one (concatenated on channels) first."""
+    skips = [h]
+    for module, push in zip(net.down, net._down_pushes):
+        h = run(module, h)
+        if push:
+            skips.append(h)
+    for module in net.mid:
+        h = run(module, h)
+    for module, pop in zip(net.up, net._up_pops):
+        if pop:
+            h = torch.cat([h, skips.pop()], dim=1)
+        h = run(module, h)
+    return h
+
+
 class UNet(nn.Module):
     """DDPM++ UNet: `net(x, noise_labels, class_labels) -> (N, out_channels, H, W)`.
 
@@ -310,16 +328,5 @@ class UNet(nn.Module):
             emb = emb + self.label_embed(class_labels.reshape(-1).long())
         emb = self.emb_mlp1(F.silu(self.emb_mlp0(emb)))
 
-        h = self.conv_in(x)
-        skips = [h]
-        for module, push in zip(self.down, self._down_pushes):
-            h = module(h, emb)
-            if push:
-                skips.append(h)
-        for module in self.mid:
-            h = module(h, emb)
-        for module, pop in zip(self.up, self._up_pops):
-            if pop:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = module(h, emb)
+        h = run_levels(self, self.conv_in(x), lambda module, h: module(h, emb))
         return self.conv_out(F.silu(self.norm_out(h)))
