@@ -200,3 +200,16 @@ def test_noise_lands_only_on_trainable_parameters_with_std_sigma_c_over_b(tmp_pa
     noise = torch.cat([grads[n].flatten() for n in trainable])
     assert noise.numel() > 2000
     assert noise.std().item() == pytest.approx(sigma * clip / batch, rel=0.08)
+
+
+def test_the_autoencoder_can_have_its_own_public_set(tmp_path):
+    own = "+method.module.autoencoder_public={name: dead_leaves, size: 48, seed: 3}"
+    module = build_method(compose_cfg(tmp_path, own, "data=mnist5k", public=("public=digits",)),
+                          dataset_info("mnist5k"), 4000)
+    same = build_method(compose_cfg(tmp_path, "data=mnist5k", public=("public=digits",)), dataset_info("mnist5k"), 4000)
+    assert module.autoencoder_key() != same.autoencoder_key() and module.cache_key() != same.cache_key()
+    trainers = CountingTrainers(tmp_path)
+    module.fit_public_stages(trainers)
+    assert trainers.names == ["public_autoencoder", "public_latent"]
+    never = " ".join(module.privacy_coverage().never_saw_private_data)
+    assert "autoencoder (public dead_leaves only" in never and "pretrained on public digits" in never

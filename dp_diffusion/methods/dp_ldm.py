@@ -121,6 +121,7 @@ class DPLDM(PrivateDiffusion):
         lora_rank: int = 4,
         lora_alpha: float | None = None,
         public: Mapping[str, Any] | None = None,
+        autoencoder_public: Mapping[str, Any] | None = None,
         data_name: str = "",
         pretraining: Mapping[str, Any] | None = None,
         cache_dir: str | None = "runs/public_cache",
@@ -133,6 +134,9 @@ class DPLDM(PrivateDiffusion):
             raise ConfigError("method=dp_ldm pretrains on a public set: choose one, e.g. public=digits "
                               "(offline), public=dead_leaves (offline) or public=emnist")
         pretraining = pretraining_settings(pretraining)
+        # The autoencoder's own public set (null: the same as the latent model's), e.g. sharp dead-leaves
+        # images for the autoencoder while the latent model learns digits from upsampled 8x8 ones.
+        self.autoencoder_public_cfg = _plain(autoencoder_public) or self.public_cfg
         # The untrained architecture, kept (outside the module tree) to build the public pretraining model.
         initial = copy.deepcopy(backbone)
         summary = select_trainable(backbone, finetune, lora_rank=lora_rank, lora_alpha=lora_alpha)
@@ -175,7 +179,7 @@ class DPLDM(PrivateDiffusion):
                             "shapes": {k: list(v.shape) for k, v in self.autoencoder.state_dict().items()}},
             "settings": {k: s[k] for k in ("autoencoder_steps", "autoencoder_batch_size", "autoencoder_lr", "seed")},
         }
-        return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)
+        return public_cache_key(self.autoencoder_public_cfg, stage, image_shape=self.image_shape)
 
     def cache_key(self) -> str:
         """Cache key of the latent stage (which holds both stages): the autoencoder stage's key, the latent
@@ -251,7 +255,9 @@ class DPLDM(PrivateDiffusion):
         s = self.pretraining
         public = load_public(self.public_cfg, self._public_info())
         ae_path = Path(self.cache_dir) / self.autoencoder_key() / AUTOENCODER_FILE if self.cache_dir else None
-        ae_state = self._cached(ae_path, "public autoencoder", lambda: self._train_autoencoder(public, make_trainer))
+        ae_public = (public if self.autoencoder_public_cfg == self.public_cfg
+                     else load_public(self.autoencoder_public_cfg, self._public_info()))
+        ae_state = self._cached(ae_path, "public autoencoder", lambda: self._train_autoencoder(ae_public, make_trainer))
         autoencoder = copy.deepcopy(self.autoencoder)
         autoencoder.load_state_dict(ae_state)
         torch.manual_seed(s["seed"] + 1)  # the latent stage's draws: the same whether the autoencoder was cached
@@ -353,12 +359,13 @@ class DPLDM(PrivateDiffusion):
     # ---- what the guarantee covers -------------------------------------------------------------
     def privacy_coverage(self) -> Coverage:
         name = self.public_cfg["name"]
+        ae_name = self.autoencoder_public_cfg["name"]
         return Coverage(
             released=["EMA latent denoiser weights", "public autoencoder (decoder) weights",
                       "samples decoded from latents drawn from them"],
             trained_with_dp=[f"latent denoiser, {self.finetune_summary} "
                              f"(fine-tuned on latents of private images)"],
-            never_saw_private_data=[f"autoencoder (public {name} only; frozen; its encoder maps each private "
+            never_saw_private_data=[f"autoencoder (public {ae_name} only; frozen; its encoder maps each private "
                                     "image to a latent, a per-example function)",
                                     f"the latent denoiser's frozen weights (pretrained on public {name})",
                                     "the latent scale factor (public latents only)"],
