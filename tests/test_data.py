@@ -91,10 +91,11 @@ def test_bad_settings_are_one_line_config_errors() -> None:
         build_datamodule("imagenet")
 
 
-def test_build_datamodule_is_one_function_wherever_it_is_imported() -> None:
+def test_build_datamodule_lives_in_datamodule_and_registry_stays_free_of_lightning() -> None:
     from dp_diffusion.data import datamodule, registry
 
-    assert build_datamodule is datamodule.build_datamodule is registry.build_datamodule
+    assert build_datamodule is datamodule.build_datamodule
+    assert not hasattr(registry, "build_datamodule")  # the registry holds facts only (no Lightning import)
 
 
 # --- embedded sets: mnist5k and digits ----------------------------------------
