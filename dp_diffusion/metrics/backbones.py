@@ -464,7 +464,7 @@ def build_domain_backbone(
     Args:
         dataset: data set name, used in the backbone's name and cache path (e.g. ``"mnist5k"``).
         images, labels: (N, C, H, W) float in [-1, 1] and (N,) int64. When omitted, the train
-            split is loaded with ``dp_diffusion.data.registry.build_datamodule(dataset)``.
+            split is loaded with ``dp_diffusion.data.build_datamodule(dataset)``.
         split: which split ``images`` are (recorded in the name; ``"train"`` by default, the
             reference split of DPDM / DPImageBench FIDs).
         config: training recipe (part of the cache key).
