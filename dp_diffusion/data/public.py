@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dp_diffusion.data import DatasetInfo, DatasetNotFoundError, available_datasets, build_datamodule, dataset_info
+from dp_diffusion.data import DatasetInfo, DatasetNotFoundError, available_datasets, build_datamodule
 from dp_diffusion.data.datasets import InMemoryImages
 from dp_diffusion.data.synthetic import SYNTHETIC_FAMILIES, SyntheticImages
 

@@ -211,7 +211,7 @@ class DPLDM(PrivateDiffusion):
             # as if they had not run, so a run that finds them cached trains exactly as one that made them.
             with torch.random.fork_rng(devices=[]):
                 state = self._cached(path, "public stages", lambda: self._train_public_stages(make_trainer))
-        self._load_public_stages(state, str(path))
+        self._load_public_stages(state, str(path) if path is not None else "the public stages")
 
     @staticmethod
     def _cached(path: Path | None, what: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
