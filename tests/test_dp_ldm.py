@@ -213,3 +213,21 @@ def test_the_autoencoder_can_have_its_own_public_set(tmp_path):
     assert trainers.names == ["public_autoencoder", "public_latent"]
     never = " ".join(module.privacy_coverage().never_saw_private_data)
     assert "autoencoder (public dead_leaves only" in never and "pretrained on public digits" in never
+
+
+def test_pretrained_that_is_not_a_public_stages_file_is_a_one_line_error(tmp_path):
+    checkpoint_like = tmp_path / "final.ckpt"
+    torch.save({"state_dict": {}, "dp_diffusion_privacy": {}}, checkpoint_like)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    for path, message in ((checkpoint_like, "is not a public_stages.pt"), (garbage, "cannot read")):
+        module = build_method(compose_cfg(tmp_path, f"pretrained={path}"), dataset_info("digits"), 1442)
+        with pytest.raises(ConfigError, match=message):
+            module.fit_public_stages(CountingTrainers(tmp_path))
+
+
+def test_cache_write_leaves_no_temporary_file(tmp_path):
+    module = build_method(compose_cfg(tmp_path), dataset_info("digits"), 1442)
+    module.fit_public_stages(CountingTrainers(tmp_path))
+    written = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert written == ["autoencoder.pt", "public_stages.pt"]

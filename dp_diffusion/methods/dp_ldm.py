@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,23 @@ def pretraining_settings(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str
         if not ok:
             raise ConfigError(f"method.module.pretraining.{key} has a bad value {value!r}")
     return settings
+
+
+STAGES_KEYS = ("architecture", "autoencoder", "latent_scale", "backbone", "public_classes")
+
+
+def load_stage_file(path: Path, keys: tuple[str, ...], source: str) -> dict[str, Any]:
+    """A public-stages file written by `fit_public_stages`; ConfigError (one line) for anything else (a run's
+    checkpoint, which may hold weights trained on private data, is not public pretraining)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable, truncated or not a torch file: one message
+        raise ConfigError(f"{source}: cannot read {path} as public stages ({type(err).__name__})") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f"{source}: {path} is not a {CACHE_FILE} of DP-LDM's public stages (it lacks "
+                          f"{', '.join(missing)}); give the file an earlier run wrote under its cache_dir")
+    return state
 
 
 def load_base_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
@@ -203,7 +222,7 @@ class DPLDM(PrivateDiffusion):
             if not path.is_file():
                 raise ConfigError(f"pretrained={self.pretrained}: no such file (give a {CACHE_FILE} written by an "
                                   "earlier DP-LDM run's public stages)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_stage_file(path, STAGES_KEYS, f"pretrained={self.pretrained}")
             log.info("DP-LDM: public stages loaded from pretrained=%s; not trained again", path)
         else:
             path = Path(self.cache_dir) / self.cache_key() / CACHE_FILE if self.cache_dir else None
@@ -222,7 +241,9 @@ class DPLDM(PrivateDiffusion):
         state = make()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
+            # One temporary name per process: the jobs of a parallel sweep (or DDP ranks) that pretrain the
+            # same stages each write their own file, and the last rename wins with a complete one.
+            partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
             torch.save(state, partial)
             partial.replace(path)  # atomic: an interrupted write never leaves a cache entry
             log.info("DP-LDM: %s cached in %s", what, path)
