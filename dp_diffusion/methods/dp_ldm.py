@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.public_stage import AutoencoderStage, PublicDiffusionStage
+from dp_diffusion.methods.stage_cache import cached_stage
 from dp_diffusion.nets.autoencoder import AutoencoderKL, latent_scale_factor
 from dp_diffusion.nets.finetune import FinetuneSummary, select_trainable
 from dp_diffusion.nets.latent_unet import LatentUNet
@@ -229,25 +228,8 @@ class DPLDM(PrivateDiffusion):
             # The public stages draw from their own seeds; the private run's global generator continues
             # as if they had not run, so a run that finds them cached trains exactly as one that made them.
             with torch.random.fork_rng(devices=[]):
-                state = self._cached(path, "public stages", lambda: self._train_public_stages(make_trainer))
+                state = cached_stage(path, "DP-LDM: public stages", lambda: self._train_public_stages(make_trainer))
         self._load_public_stages(state, str(path) if path is not None else "the public stages")
-
-    @staticmethod
-    def _cached(path: Path | None, what: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """`make()`'s state, or the one cached at `path` (written atomically when made)."""
-        if path is not None and path.exists():
-            log.info("DP-LDM: %s loaded from the cache %s; not trained again", what, path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-        state = make()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # One temporary name per process: the jobs of a parallel sweep (or DDP ranks) that pretrain the
-            # same stages each write their own file, and the last rename wins with a complete one.
-            partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-            torch.save(state, partial)
-            partial.replace(path)  # atomic: an interrupted write never leaves a cache entry
-            log.info("DP-LDM: %s cached in %s", what, path)
-        return state
 
     def architecture(self) -> dict[str, Any]:
         """What pretrained public stages must match: the latent UNet's constructor settings (classes aside)
@@ -278,7 +260,8 @@ class DPLDM(PrivateDiffusion):
         ae_path = Path(self.cache_dir) / self.autoencoder_key() / AUTOENCODER_FILE if self.cache_dir else None
         ae_public = (public if self.autoencoder_public_cfg == self.public_cfg
                      else load_public(self.autoencoder_public_cfg, self._public_info()))
-        ae_state = self._cached(ae_path, "public autoencoder", lambda: self._train_autoencoder(ae_public, make_trainer))
+        ae_state = cached_stage(ae_path, "DP-LDM: public autoencoder",
+                                lambda: self._train_autoencoder(ae_public, make_trainer))
         autoencoder = copy.deepcopy(self.autoencoder)
         autoencoder.load_state_dict(ae_state)
         torch.manual_seed(s["seed"] + 1)  # the latent stage's draws: the same whether the autoencoder was cached
