@@ -33,7 +33,7 @@ TINY = [
 ]
 SAD = [
     "method=dp_sad", "method.parts.discriminator.nf=8",
-    "method.module.teacher.steps=2", "method.module.teacher.batch_size=16",
+    "method.module.teacher.steps=2", "method.module.teacher.batch_size=16", "method.module.cache_dir=null",
 ]
 
 
@@ -171,8 +171,9 @@ def test_nonprivate_teacher_in_the_sound_variant_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="privacy_model=paper") as err:
         built(compose_cfg(tmp_path, "method.module.teacher.source=nonprivate"))
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="teacher.checkpoint"):
-        built(compose_cfg(tmp_path, "method.module.teacher.source=dp"))
+    # source=dp without a checkpoint is no longer an error: the teacher is trained with DP in the run
+    # (tests/test_dp_sad_teacher.py)
+    assert built(compose_cfg(tmp_path, "method.module.teacher.source=dp")).teacher_settings.trained_in_run_with_dp
 
 
 def dp_teacher(tmp_path: Path, *overrides: str) -> Path:
@@ -288,6 +289,7 @@ def test_cpu_experiment_runs_a_few_steps_through_the_cli(tmp_path, variant):
                "train.steps=2", "train.batch_size=32", "train.physical_batch_size=32", "public.size=64",
                "method.module.teacher.steps=2", "method.module.teacher.batch_size=16", "sample.num_samples=4",
                "sample.num_steps=2", "eval.enabled=false", f"hydra.run.dir={run_dir}",
+               f"method.module.cache_dir={tmp_path / 'cache'}",
                f"results_file={tmp_path / 'all.jsonl'}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

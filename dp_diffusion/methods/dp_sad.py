@@ -4,13 +4,17 @@ against a discriminator, at one random noise level per example.
 Algorithm (reference notes, papers-dpsad-dpsyngen-benchmarks.md section 1.2, reconstructed):
 
 1. Teacher (``fit_public_stages``, before the private fit), by ``method.module.teacher.source``:
-   ``dp``: the EMA denoiser of a DP run of this framework on the same data set (``teacher.checkpoint``, read
-   without building its method),
-   its ledger recorded in this run's ledger as mechanism "teacher" before calibration, so the student
-   and discriminator get what the teacher left of the target and the reported epsilon composes all three;
-   ``public``: pretrained on the ``public/`` set (no privacy cost; used with the null class label);
+   ``dp``: a DPDM denoiser trained with DP-SGD on the private set, either in an earlier run
+   (``teacher.checkpoint``: its EMA weights, read without building its method) or in this run
+   (``checkpoint: null``: a ``DPDM`` module through the privacy core, calibrated to ``teacher.epsilon_fraction``
+   of the target); its ledger is recorded in this run's ledger as mechanism "teacher" before calibration, so
+   the student and discriminator get what the teacher left of the target and the reported epsilon composes
+   all three;
+   ``public``: pretrained on the ``public/`` set (no privacy cost; used with the null class label), cached
+   under ``cache_dir`` by a key of its public config only, so a sweep over epsilon pretrains it once;
    ``nonprivate``: trained on the private set without DP (the paper's setting; ``privacy_model=paper`` only).
-   The teacher is frozen from then on.
+   A teacher is trained from its own seed (``teacher.seed``); the run's generator continues as if it had not
+   been, so a run that finds it cached trains exactly as one that made it. The teacher is frozen from then on.
 2. One step, per example i of a Poisson batch: K noise levels sigma_ik and noises n_ik (``loss.draw``: the
    paper's "one random step r", K > 1 averaged before clipping as DPDM's noise multiplicity);
    x_r = x_i + sigma_ik n_ik (the forward process); teacher and student outputs at (x_r, sigma).
@@ -33,8 +37,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -45,12 +51,15 @@ from torch import Tensor, nn
 from dp_diffusion.build import CONFIG_KEY
 from dp_diffusion.checkpoints import read_checkpoint
 from dp_diffusion.config import ConfigError, Rule, Settings, integer, number, one_of, optional
-from dp_diffusion.data.public import load_public
+from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods import adversarial
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
+from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.methods.public_stage import PublicDiffusionStage
+from dp_diffusion.methods.signatures import architecture_signature, loss_signature
+from dp_diffusion.methods.stage_cache import cached_stage
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
 from dp_diffusion.privacy.output_sanitiser import (PAPER_ACCOUNTING_NOTE, PAPER_TIME_DILUTION_NOTE, OutputSanitiser,
@@ -63,6 +72,9 @@ PRIVACY_MODELS = ("sound", "paper")
 TEACHER_SOURCES = ("dp", "public", "nonprivate")
 TEACHER_MECHANISM = "teacher"  # the ledger's name of a DP teacher's recorded history
 PAPER_MECHANISM = "dp_sad_output_sanitiser"  # the ledger's name of the paper variant's (non-guarantee) steps
+PUBLIC_TEACHER_FILE = "public_teacher.pt"  # the public teacher's EMA denoiser, under cache_dir/<key>/
+TEACHER_COST_KEY = "dp_sad_teacher"  # checkpoint key: what an in-run DP teacher cost (epsilon, steps, wall time)
+TRAINING_SETTINGS = ("steps", "batch_size", "lr", "noise_multiplicity", "ema_decay", "seed")  # what trains a teacher
 
 
 @dataclass(frozen=True)
@@ -79,21 +91,23 @@ class TeacherSettings(Settings):
         "noise_multiplicity": integer(1),
         "ema_decay": number(at_least=0, below=1),
         "seed": integer(0),
+        "epsilon_fraction": number(above=0, below=1),
     }
 
     source: str = "public"
-    checkpoint: str | None = None  # source=dp: a checkpoint written by `dp-diffusion train` (final.ckpt)
-    steps: int = 1500  # source=public|nonprivate: training steps of the teacher stage
+    checkpoint: str | None = None  # source=dp: a `dp-diffusion train` checkpoint (final.ckpt); null: trained here
+    steps: int = 1500  # training steps of a teacher trained in this run (all sources but a dp checkpoint)
     batch_size: int = 128
     lr: float = 1.0e-3
     noise_multiplicity: int = 1
     ema_decay: float = 0.999
-    seed: int = 0
+    seed: int = 0  # the teacher's initialisation and diffusion draws; with privacy.reproducible, its masks and noise
+    epsilon_fraction: float = 0.5  # source=dp trained in this run: its share of privacy.epsilon (the rest: student)
 
-    def validate(self) -> None:
-        super().validate()
-        self.require(self.source != "dp" or self.checkpoint is not None, "checkpoint",
-                     "a checkpoint path with teacher.source=dp (a DP run of this framework on the same data set)")
+    @property
+    def trained_in_run_with_dp(self) -> bool:
+        """source=dp without a checkpoint: the teacher is trained with DP-SGD in this run."""
+        return self.source == "dp" and self.checkpoint is None
 
 
 def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
@@ -120,9 +134,11 @@ class DPSAD(PrivateDiffusion):
         public: Mapping[str, Any] | None = None,
         data_name: str = "",
         discriminator_lr: float = 3e-4,
+        cache_dir: str | None = "runs/public_cache",
         **settings: Any,
     ) -> None:
-        """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...)."""
+        """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...);
+        `cache_dir`: where a public teacher is cached (None: trained every run)."""
         if privacy_model not in PRIVACY_MODELS:
             raise ConfigError(f"method.module.privacy_model must be one of {PRIVACY_MODELS}, got {privacy_model!r}")
         if not (isinstance(adversarial_weight, (int, float)) and adversarial_weight >= 0):
@@ -149,6 +165,8 @@ class DPSAD(PrivateDiffusion):
         self.teacher_settings = teacher_settings
         self.data_name = data_name
         self.discriminator_lr = discriminator_lr
+        self.cache_dir = cache_dir
+        self.teacher_cost: dict[str, Any] | None = None  # an in-run DP teacher's epsilon, steps and wall time
         self.discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=discriminator_lr)
         self.sanitiser: OutputSanitiser | None = None
         self._student_optimizer: torch.optim.Optimizer | None = None
@@ -185,21 +203,54 @@ class DPSAD(PrivateDiffusion):
 
     # ---- the teacher (before the private fit) ------------------------------------------------------
     def fit_public_stages(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
-        """Load (dp) or train (public, nonprivate) the teacher; a dp teacher's history goes into the ledger."""
-        source = self.teacher_settings.source
-        if source == "dp":
+        """Load (dp with a checkpoint) or train (dp in this run, public, nonprivate) the teacher; a dp teacher's
+        history goes into the ledger before the student's sigma is calibrated."""
+        s = self.teacher_settings
+        if s.source == "dp" and self.plan is not None:
+            raise PrivacyError("the DP teacher's history must be in the ledger before sigma is calibrated: call "
+                               "fit_public_stages before training")
+        if s.source == "dp" and s.checkpoint is not None:
             self._load_dp_teacher()
         else:
-            self._train_teacher(make_trainer, public=source == "public")
+            # The teacher draws from its own seed; the private run's generator continues as if it had not been
+            # trained, so a run that finds the public teacher cached trains exactly as one that made it.
+            with torch.random.fork_rng(devices=[]):
+                self.teacher.load_state_dict(self._trained_teacher(make_trainer))
         self.teacher.requires_grad_(False).eval()
         self.teacher_trained.fill_(True)
+
+    def _trained_teacher(self, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Tensor]:
+        """The EMA weights of a teacher trained in this run: with DP (dp), without (nonprivate), or on the public
+        set (public), that one from the cache when an earlier run made it."""
+        source = self.teacher_settings.source
+        if source == "dp":
+            return self._train_dp_teacher(make_trainer)
+        if source == "nonprivate":
+            return self._train_teacher(make_trainer, public=False)
+        path = Path(self.cache_dir) / self.public_teacher_key() / PUBLIC_TEACHER_FILE if self.cache_dir else None
+        return cached_stage(path, f"DP-SAD: public teacher ({self.public_cfg.get('name')})",
+                            lambda: self._train_teacher(make_trainer, public=True))
+
+    def public_teacher_key(self) -> str:
+        """Cache key of the public teacher: the public set, the teacher's architecture, the loss and the teacher's
+        training settings. Nothing private enters (the private set's image shape and class count are public)."""
+        stage = {"teacher": architecture_signature(self._initial_teacher[0]), "loss": loss_signature(self.loss),
+                 "settings": {k: getattr(self.teacher_settings, k) for k in TRAINING_SETTINGS},
+                 "num_classes": self.num_classes}
+        return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)
+
+    def _record_teacher_history(self, ledger: PrivacyLedger, source: str) -> None:
+        """Every mechanism of the teacher's `ledger` into this run's ledger as mechanism "teacher" (once: a run
+        that already holds it, e.g. from its privacy state, keeps it)."""
+        history = ledger.history
+        if history and TEACHER_MECHANISM not in self.ledger.mechanisms:
+            self.ledger.record(TEACHER_MECHANISM, history)
+        log.info("DP-SAD: teacher from %s, its DP history (%d steps) recorded in the ledger as %r", source,
+                 sum(n for _, _, n in history), TEACHER_MECHANISM)
 
     def _load_dp_teacher(self) -> None:
         """The EMA denoiser of a DP run's checkpoint as the teacher, and its ledger as mechanism "teacher"."""
         path = self.teacher_settings.checkpoint
-        if self.plan is not None:
-            raise PrivacyError("the DP teacher's history must be in the ledger before sigma is calibrated: call "
-                               "fit_public_stages before training")
         state = read_checkpoint(path)
         config, privacy = state.get(CONFIG_KEY), state.get(CHECKPOINT_KEY)
         if config is None or privacy is None:
@@ -232,13 +283,65 @@ class DPSAD(PrivateDiffusion):
                               f"method.parts.teacher_backbone; set it to the checkpoint's model {config['model']}") from None
         ledger = PrivacyLedger(delta=spec["delta"], accountant=spec["accountant"])
         ledger.load_state_dict(privacy["ledger"])
-        history = [entry for entries in ledger.mechanisms.values() for entry in entries]
-        if TEACHER_MECHANISM not in self.ledger.mechanisms:
-            self.ledger.record(TEACHER_MECHANISM, history)
-        log.info("DP-SAD: teacher from %s, its DP history (%d steps) recorded in the ledger as %r", path,
-                 sum(n for _, _, n in history), TEACHER_MECHANISM)
+        self._record_teacher_history(ledger, path)
 
-    def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> None:
+    def _teacher_stage(self, cls: type[PrivateDiffusion], privacy: PrivacySpec, dataset: Any) -> PrivateDiffusion:
+        """A fresh teacher denoiser (the untrained teacher backbone) as a `cls` module on `dataset`, with the
+        teacher's training settings."""
+        s = self.teacher_settings
+        torch.manual_seed(s.seed)
+        stage = cls(backbone=copy.deepcopy(self._initial_teacher[0]), loss=self.loss, privacy=privacy,
+                    batch_size=min(s.batch_size, len(dataset)), physical_batch_size=self.physical_batch_size,
+                    steps=s.steps, image_shape=self.image_shape, num_classes=self.num_classes, lr=s.lr,
+                    ema_decay=s.ema_decay, seed=s.seed, num_workers=self.num_workers)
+        stage.attach_private_data(dataset)
+        return stage
+
+    def _train_dp_teacher(self, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Tensor]:
+        """Train the teacher with DP-SGD on the private set in this run, as a DPDM run does (its own DP callback
+        calibrates sigma to `epsilon_fraction` of the target and guards it); record its ledger as "teacher" and
+        calibrate the student's part to what is left. Returns the teacher's EMA weights."""
+        s = self.teacher_settings
+        if self.train_set is None:
+            raise RuntimeError("attach_private_data(dataset) must be called before fit_public_stages")
+        spec = self.privacy_spec
+        fraction = f"method.module.teacher.epsilon_fraction={s.epsilon_fraction:g}"
+        # The run's DP settings (delta, C, accountant, secure/reproducible randomness, grad mode) at the teacher's
+        # share of the target, sigma calibrated to it; the teacher's own noise multiplicity.
+        privacy = replace(spec, epsilon=s.epsilon_fraction * spec.epsilon, noise_multiplier=None,
+                          noise_multiplicity=s.noise_multiplicity)
+        teacher = self._teacher_stage(DPDM, privacy, self.train_set)
+        try:
+            plan = teacher.ensure_plan()
+        except (PrivacyError, ValueError) as err:
+            raise ConfigError(f"{fraction}: no noise multiplier gives the teacher epsilon={privacy.epsilon:g} "
+                              f"over {s.steps} steps ({' '.join(str(err).split())})") from None
+        log.info("DP-SAD: training the teacher with DP on the private %s for %d steps (epsilon %g of the target %g, "
+                 "sigma %.4g, q %.4g)", self.data_name, s.steps, privacy.epsilon, spec.epsilon,
+                 plan.noise_multiplier, plan.sample_rate)
+        started = time.perf_counter()
+        make_trainer(s.steps, "dp_teacher").fit(teacher)
+        seconds = time.perf_counter() - started
+        self._record_teacher_history(teacher.ledger, "this run (DP-SGD on the private set)")
+        epsilon, accountant = teacher.ledger.headline() if spec.enabled else (float("inf"), plan.accountant)
+        self.teacher_cost = {"epsilon": epsilon, "accountant": accountant, "target_epsilon": privacy.epsilon,
+                             "epsilon_fraction": s.epsilon_fraction, "noise_multiplier": plan.noise_multiplier,
+                             "sample_rate": plan.sample_rate, "steps": teacher.logical_steps(),
+                             "wall_time_s": seconds}
+        print(f"DP-SAD: DP teacher trained in this run: {self.teacher_cost['steps']} steps, epsilon={epsilon:.3g} "
+              f"(by {accountant.upper()}; its share {s.epsilon_fraction:g} of the target {spec.epsilon:g}), "
+              f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s", flush=True)
+        if spec.enabled:
+            try:  # the student's (and discriminator's) sigma, for what the teacher left: refused here in one line
+                self.ensure_plan()
+            except PrivacyError as err:
+                raise ConfigError(f"{fraction} leaves the student nothing: {' '.join(str(err).split())}; "
+                                  "choose a smaller fraction") from None
+        return teacher.sampling_denoiser().state_dict()
+
+    def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> dict[str, Tensor]:
+        """Train the teacher without DP on the public set (`public`) or on the private set (`nonprivate`, the
+        paper's setting); returns its EMA weights."""
         s = self.teacher_settings
         if public:
             info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
@@ -247,22 +350,16 @@ class DPSAD(PrivateDiffusion):
             if self.train_set is None:
                 raise RuntimeError("attach_private_data(dataset) must be called before fit_public_stages")
             dataset = self.train_set
-        torch.manual_seed(s.seed)
-        stage = PublicDiffusionStage(
-            backbone=copy.deepcopy(self._initial_teacher[0]), loss=self.loss,
-            privacy=PrivacySpec(enabled=False, noise_multiplicity=s.noise_multiplicity, reproducible=True,
-                                grad_mode=self.privacy_spec.grad_mode),
-            batch_size=min(s.batch_size, len(dataset)), physical_batch_size=self.physical_batch_size,
-            steps=s.steps, image_shape=self.image_shape, num_classes=self.num_classes, lr=s.lr,
-            ema_decay=s.ema_decay, seed=s.seed, num_workers=self.num_workers)
+        stage = self._teacher_stage(
+            PublicDiffusionStage, PrivacySpec(enabled=False, noise_multiplicity=s.noise_multiplicity,
+                                              reproducible=True, grad_mode=self.privacy_spec.grad_mode), dataset)
         stage.null_labels = public  # a public teacher knows no private class: it is used unconditionally
-        stage.attach_private_data(dataset)
         name = "public_teacher" if public else "nonprivate_teacher"
         log.info("DP-SAD: training the teacher on %s for %d steps (%s)",
                  self.public_cfg.get("name") if public else f"the private {self.data_name} WITHOUT DP", s.steps,
                  "no privacy cost" if public else "not covered by any guarantee")
         make_trainer(s.steps, name).fit(stage)
-        self.teacher.load_state_dict(stage.sampling_denoiser().state_dict())
+        return stage.sampling_denoiser().state_dict()
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -399,10 +496,22 @@ class DPSAD(PrivateDiffusion):
                                   None if labels is None else labels.reshape(-1)),
             lambda out: self.student_objective(out, prepared), num_examples, self.plan.expected_batch_size)
 
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.teacher_cost is not None:  # a resumed run reports what its teacher cost without training it again
+            checkpoint[TEACHER_COST_KEY] = dict(self.teacher_cost)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.teacher_cost = checkpoint.get(TEACHER_COST_KEY, self.teacher_cost)
+
     # ---- what the guarantee covers ----------------------------------------------------------------------
     def privacy_report(self) -> dict[str, Any]:
         """The core's report; for the paper variant marked as not a guarantee, with the paper's accounting."""
         report = super().privacy_report()
+        if self.teacher_cost is not None:
+            report["teacher"] = dict(self.teacher_cost)  # the in-run DP teacher's own epsilon and cost
         if self.privacy_model == "paper" and report["private"]:
             sanitiser = self.sanitiser
             if sanitiser is None:  # e.g. a reloaded checkpoint: the same settings, for the record only
@@ -425,9 +534,12 @@ class DPSAD(PrivateDiffusion):
         released = ["EMA student denoiser weights (and samples drawn from it)"]
         source = self.teacher_settings.source
         public_name = self.public_cfg.get("name")
+        where = (f"in this run, calibrated to epsilon_fraction={self.teacher_settings.epsilon_fraction:g} of the target"
+                 if self.teacher_settings.trained_in_run_with_dp
+                 else f"in an earlier run, {self.teacher_settings.checkpoint}")
         teacher = {
-            "dp": f"teacher (DP-SGD on the private set in an earlier run, {self.teacher_settings.checkpoint}; its "
-                  f"history is composed into epsilon as mechanism {TEACHER_MECHANISM!r})",
+            "dp": f"teacher (DP-SGD on the private set {where}; its history is composed into epsilon as mechanism "
+                  f"{TEACHER_MECHANISM!r})",
             "public": f"teacher (pretrained on public {public_name}; frozen)",
             "nonprivate": "teacher (trained on the private set WITHOUT DP)",
         }[source]

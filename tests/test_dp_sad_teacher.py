@@ -1,0 +1,174 @@
+"""DP-SAD's teachers trained in the run: a `dp` teacher without a checkpoint is trained with DP-SGD on the private
+set through the privacy core at `epsilon_fraction` of the target, its history is composed with the student's (whose
+sigma is calibrated to what it left), a resumed run neither retrains nor re-records it; a bad fraction is a one-line
+ConfigError; a `public` teacher is cached by its public config and the second run loads it without a trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dp_diffusion.build import config_to_dict
+from dp_diffusion.config import ConfigError
+from dp_diffusion.methods.dp_sad import DPSAD, PUBLIC_TEACHER_FILE, TEACHER_MECHANISM
+from dp_diffusion.methods.dpdm import DPDM
+from dp_diffusion.privacy import PrivacyError
+from dp_diffusion.privacy.accounting import calibrate_noise_multiplier, headline_epsilon
+from dp_diffusion.train import StoreConfig
+from test_dp_sad import built, cheap_trainer, compose_cfg, state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IN_RUN_DP = ("method.module.teacher.source=dp", "method.module.teacher.batch_size=16")
+
+
+class Trainers:
+    """`make_trainer` for `fit_public_stages` that remembers the stages it built trainers for, and the trainers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.names: list[str] = []
+        self.trainers = []
+
+    def __call__(self, steps: int, name: str):
+        self.names.append(name)
+        self.trainers.append(cheap_trainer(self.root / name, steps))
+        return self.trainers[-1]
+
+
+def test_in_run_dp_teacher_is_trained_with_noise_and_composed_with_the_student(tmp_path):
+    """source=dp, no checkpoint: a DPDM teacher trained with DP on the private set (noise drawn, weights moved)
+    at epsilon_fraction of the target, recorded as 'teacher'; the student's sigma is larger than without it; the
+    reported epsilon composes both, is within the target and above the teacher's alone; the teacher is frozen."""
+    cfg = compose_cfg(tmp_path, "privacy.epsilon=10", *IN_RUN_DP, "method.module.teacher.epsilon_fraction=0.4")
+    module = built(cfg)
+    untrained = state(module.teacher)
+    trainers = Trainers(tmp_path)
+    rng = torch.get_rng_state()
+    module.fit_public_stages(trainers)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's generator continues as if no teacher was trained
+    assert trainers.names == ["dp_teacher"]
+    teacher = trainers.trainers[0].lightning_module
+    assert isinstance(teacher, DPDM) and teacher.train_set is module.train_set
+    n = len(module.train_set)
+    spec = teacher.privacy_spec
+    assert spec.epsilon == pytest.approx(4.0) and spec.noise_multiplier is None
+    assert (spec.delta, spec.max_grad_norm, spec.accountant, spec.secure_mode, spec.reproducible) == (
+        1e-5, 1.0, "prv", False, False)
+    assert teacher.randomness.kind == "entropy" and teacher.noise.steps_drawn == 2  # noise drawn at each step
+    sigma_t = teacher.plan.noise_multiplier
+    assert sigma_t == pytest.approx(calibrate_noise_multiplier(4.0, 1e-5, 16 / n, 2, "prv")[0])
+    assert module.ledger.mechanisms == {TEACHER_MECHANISM: [(sigma_t, 16 / n, 2)]}
+    assert any(not torch.equal(t, module.teacher.state_dict()[k]) for k, t in untrained.items())
+    released = teacher.sampling_denoiser().state_dict()  # the teacher's EMA weights
+    assert all(torch.equal(t, released[k]) for k, t in module.teacher.state_dict().items())
+
+    cost = module.teacher_cost
+    assert cost["steps"] == 2 and cost["wall_time_s"] > 0 and 0 < cost["epsilon"] <= 4.0
+    q = 32 / n
+    sigma = module.plan.noise_multiplier  # calibrated at the end of fit_public_stages, to what the teacher left
+    assert sigma > calibrate_noise_multiplier(10.0, 1e-5, q, 4, module.plan.accountant)[0]
+
+    frozen = state(module.teacher)
+    trainer = cheap_trainer(tmp_path, module.planned_steps, [StoreConfig(config_to_dict(cfg))])
+    trainer.fit(module)
+    assert all(torch.equal(t, module.teacher.state_dict()[k]) for k, t in frozen.items())
+    assert module.ledger.mechanisms["student"] == module.ledger.mechanisms["discriminator"] == [(sigma, q, 2)]
+    report = module.privacy_report()
+    composed, _ = headline_epsilon([(sigma_t, 16 / n, 2), (sigma, q, 4)], 1e-5, module.plan.accountant)
+    assert report["epsilon"] == pytest.approx(composed, rel=1e-6)
+    assert cost["epsilon"] < report["epsilon"] <= 10.0
+    assert set(report["mechanisms"]) == {TEACHER_MECHANISM, "student", "discriminator"}
+    assert report["teacher"]["epsilon"] == cost["epsilon"]
+    assert any("in this run" in line for line in report["covers"]["trained_with_dp"])
+
+
+def test_resumed_run_neither_retrains_nor_records_the_teacher_again(tmp_path):
+    """A run stopped after one student step and resumed (without fit_public_stages, as `dp-diffusion train` does)
+    keeps the teacher's weights and its one ledger entry, and reports its cost from the checkpoint."""
+    cfg = compose_cfg(tmp_path, *IN_RUN_DP, "privacy.accountant=rdp")
+    first = built(cfg)
+    first.fit_public_stages(Trainers(tmp_path))
+    trainer = cheap_trainer(tmp_path, 1, [StoreConfig(config_to_dict(cfg))])
+    trainer.fit(first)
+    ckpt = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    recorded = list(first.ledger.mechanisms[TEACHER_MECHANISM])
+
+    resumed = built(cfg)
+    assert resumed.ledger.mechanisms == {}
+    cheap_trainer(tmp_path, 2, [StoreConfig(config_to_dict(cfg))]).fit(resumed, ckpt_path=str(ckpt))
+    assert resumed.ledger.mechanisms[TEACHER_MECHANISM] == recorded
+    assert resumed.ledger.steps_of("student") == 2 and resumed.plan == first.plan
+    assert all(torch.equal(t, resumed.teacher.state_dict()[k]) for k, t in first.teacher.state_dict().items())
+    assert bool(resumed.teacher_trained) and resumed.teacher_cost == first.teacher_cost
+    with pytest.raises(PrivacyError, match="before sigma is calibrated"):  # never a second teacher in one ledger
+        resumed.fit_public_stages(Trainers(tmp_path / "again"))
+
+
+def test_teacher_noise_follows_privacy_reproducible(tmp_path):
+    """privacy.reproducible=true: the teacher's masks and noise are seeded too (the run's setting, not its own)."""
+    module = built(compose_cfg(tmp_path, *IN_RUN_DP, "privacy.reproducible=true", "privacy.accountant=rdp"))
+    trainers = Trainers(tmp_path)
+    module.fit_public_stages(trainers)
+    teacher = trainers.trainers[0].lightning_module
+    assert teacher.privacy_spec.reproducible and teacher.randomness.kind == "reproducible"
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5", "-0.2", "half"])
+def test_a_bad_epsilon_fraction_is_a_one_line_config_error(tmp_path, fraction):
+    with pytest.raises(ConfigError, match="epsilon_fraction") as err:
+        built(compose_cfg(tmp_path, *IN_RUN_DP, f"method.module.teacher.epsilon_fraction={fraction}"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_fraction_that_leaves_nothing_is_a_one_line_config_error(tmp_path, monkeypatch):
+    """Too small a share for the teacher (no sigma reaches it) and a remainder the core cannot calibrate the student
+    to (its PrivacyError) are both one-line ConfigErrors naming the fraction; no teacher is recorded by the first."""
+    module = built(compose_cfg(tmp_path, *IN_RUN_DP, "privacy.epsilon=0.001", "privacy.accountant=rdp",
+                               "method.module.teacher.epsilon_fraction=0.001"))
+    trainers = Trainers(tmp_path)
+    with pytest.raises(ConfigError, match="epsilon_fraction=0.001") as err:
+        module.fit_public_stages(trainers)
+    assert "\n" not in str(err.value) and trainers.names == [] and not module.ledger.mechanisms
+
+    module = built(compose_cfg(tmp_path, *IN_RUN_DP, "privacy.accountant=rdp",
+                               "method.module.teacher.epsilon_fraction=0.9"))
+
+    def refuse(self):
+        raise PrivacyError("privacy.epsilon=10: the mechanisms already recorded spent epsilon=10.2 (by RDP), "
+                           "nothing is left of the target 10")
+
+    monkeypatch.setattr(DPSAD, "ensure_plan", refuse)
+    with pytest.raises(ConfigError, match="epsilon_fraction=0.9 leaves the student nothing") as err:
+        module.fit_public_stages(Trainers(tmp_path / "b"))
+    assert "\n" not in str(err.value) and "nothing is left of the target 10" in str(err.value)
+
+
+def test_public_teacher_is_cached_by_its_public_config(tmp_path):
+    """The second run with the same public teacher loads it from the cache (no trainer built) and gets the same
+    weights and the same private-stage randomness; a run at another epsilon shares the key, another teacher
+    setting does not."""
+    cache = f"method.module.cache_dir={tmp_path / 'cache'}"
+    first, trainers = built(compose_cfg(tmp_path, cache)), Trainers(tmp_path / "a")
+    torch.manual_seed(5)
+    first.fit_public_stages(trainers)
+    after_first = torch.rand(3)
+    assert trainers.names == ["public_teacher"]
+    path = tmp_path / "cache" / first.public_teacher_key() / PUBLIC_TEACHER_FILE
+    assert path.is_file()
+
+    second, again = built(compose_cfg(tmp_path, cache, "privacy.epsilon=1")), Trainers(tmp_path / "b")
+    assert second.public_teacher_key() == first.public_teacher_key()
+    torch.manual_seed(5)
+    second.fit_public_stages(again)
+    assert again.names == [] and torch.equal(torch.rand(3), after_first)
+    assert all(torch.equal(t, second.teacher.state_dict()[k]) for k, t in first.teacher.state_dict().items())
+    assert bool(second.teacher_trained)
+
+    other = built(compose_cfg(tmp_path, cache, "method.module.teacher.lr=1e-4"))
+    assert other.public_teacher_key() != first.public_teacher_key()
+    wider = built(compose_cfg(tmp_path, cache, "model.nf=16"))
+    assert wider.public_teacher_key() != first.public_teacher_key()
