@@ -172,3 +172,16 @@ def test_public_teacher_is_cached_by_its_public_config(tmp_path):
     assert other.public_teacher_key() != first.public_teacher_key()
     wider = built(compose_cfg(tmp_path, cache, "model.nf=16"))
     assert wider.public_teacher_key() != first.public_teacher_key()
+
+
+def test_in_run_teacher_of_a_non_private_baseline_is_reported_as_such(tmp_path):
+    """privacy=none: the teacher is trained without noise like the rest of the run; nothing enters the ledger and
+    the report lists it among what saw private data without DP."""
+    module = built(compose_cfg(tmp_path, *IN_RUN_DP, "privacy=none"))
+    trainers = Trainers(tmp_path)
+    module.fit_public_stages(trainers)
+    assert trainers.trainers[0].lightning_module.plan.noise_multiplier == 0.0
+    assert module.ledger.mechanisms == {} and module.teacher_cost["steps"] == 2
+    assert module.teacher_cost["epsilon"] is None
+    report = module.privacy_report()
+    assert not report["private"] and any("teacher" in line for line in report["covers"]["saw_private_data_without_dp"])

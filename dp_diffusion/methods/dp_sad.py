@@ -320,23 +320,28 @@ class DPSAD(PrivateDiffusion):
                  "sigma %.4g, q %.4g)", self.data_name, s.steps, privacy.epsilon, spec.epsilon,
                  plan.noise_multiplier, plan.sample_rate)
         started = time.perf_counter()
-        make_trainer(s.steps, "dp_teacher").fit(teacher)
+        trainer = make_trainer(s.steps, "dp_teacher")
+        trainer.fit(teacher)
         seconds = time.perf_counter() - started
         self._record_teacher_history(teacher.ledger, "this run (DP-SGD on the private set)")
-        epsilon, accountant = teacher.ledger.headline() if spec.enabled else (float("inf"), plan.accountant)
-        self.teacher_cost = {"epsilon": epsilon, "accountant": accountant, "target_epsilon": privacy.epsilon,
-                             "epsilon_fraction": s.epsilon_fraction, "noise_multiplier": plan.noise_multiplier,
-                             "sample_rate": plan.sample_rate, "steps": teacher.logical_steps(),
-                             "wall_time_s": seconds}
-        print(f"DP-SAD: DP teacher trained in this run: {self.teacher_cost['steps']} steps, epsilon={epsilon:.3g} "
+        self.teacher_cost = {"steps": trainer.global_step, "wall_time_s": seconds,
+                             "epsilon_fraction": s.epsilon_fraction, "target_epsilon": privacy.epsilon,
+                             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+        if not spec.enabled:  # privacy=none: a non-private baseline, the teacher too (the report says so)
+            self.teacher_cost.update(epsilon=None, accountant=None, target_epsilon=None)
+            print(f"DP-SAD: teacher trained in this run WITHOUT DP (privacy=none): {trainer.global_step} steps, "
+                  f"{seconds:.1f} s", flush=True)
+            return teacher.sampling_denoiser().state_dict()
+        epsilon, accountant = teacher.ledger.headline()
+        self.teacher_cost.update(epsilon=epsilon, accountant=accountant)
+        print(f"DP-SAD: DP teacher trained in this run: {trainer.global_step} steps, epsilon={epsilon:.3g} "
               f"(by {accountant.upper()}; its share {s.epsilon_fraction:g} of the target {spec.epsilon:g}), "
               f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s", flush=True)
-        if spec.enabled:
-            try:  # the student's (and discriminator's) sigma, for what the teacher left: refused here in one line
-                self.ensure_plan()
-            except PrivacyError as err:
-                raise ConfigError(f"{fraction} leaves the student nothing: {' '.join(str(err).split())}; "
-                                  "choose a smaller fraction") from None
+        try:  # the student's (and discriminator's) sigma, for what the teacher left: refused here in one line
+            self.ensure_plan()
+        except PrivacyError as err:
+            raise ConfigError(f"{fraction} leaves the student nothing: {' '.join(str(err).split())}; "
+                              "choose a smaller fraction") from None
         return teacher.sampling_denoiser().state_dict()
 
     def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> dict[str, Tensor]:
