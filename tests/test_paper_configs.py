@@ -119,7 +119,7 @@ def test_paper_config_composes_validates_and_runs_two_private_steps(name, tmp_pa
     if method == "dp_sad":  # the sound variant, with its teacher source said
         assert paper.method.module.privacy_model == "sound" and paper.method.module.teacher.source == "public"
     cfg = compose_experiment(name, *TINY[method], *RUN, f"data.root={tmp_path}", f"output_dir={tmp_path}",
-                             *([f"method.module.cache_dir={tmp_path / 'cache'}"] if method == "dp_ldm" else []))
+                             *([f"method.module.cache_dir={tmp_path / 'cache'}"] if method in ("dp_ldm", "dp_sad") else []))
     validate_config(cfg)
     write_private(cfg.data.name, tmp_path)
     write_public(cfg.public, tmp_path)

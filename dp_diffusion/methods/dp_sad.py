@@ -58,8 +58,7 @@ from dp_diffusion.methods import adversarial
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.methods.public_stage import PublicDiffusionStage
-from dp_diffusion.methods.stage_cache import cached_stage
-from dp_diffusion.methods.warm_start import _loss_signature, architecture_signature  # as the warm start keys its cache
+from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
 from dp_diffusion.privacy.output_sanitiser import (PAPER_ACCOUNTING_NOTE, PAPER_TIME_DILUTION_NOTE, OutputSanitiser,
@@ -234,7 +233,7 @@ class DPSAD(PrivateDiffusion):
     def public_teacher_key(self) -> str:
         """Cache key of the public teacher: the public set, the teacher's architecture, the loss and the teacher's
         training settings. Nothing private enters (the private set's image shape and class count are public)."""
-        stage = {"teacher": architecture_signature(self._initial_teacher[0]), "loss": _loss_signature(self.loss),
+        stage = {"teacher": architecture_signature(self._initial_teacher[0]), "loss": loss_signature(self.loss),
                  "settings": {k: getattr(self.teacher_settings, k) for k in TRAINING_SETTINGS},
                  "num_classes": self.num_classes}
         return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)

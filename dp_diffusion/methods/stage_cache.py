@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["cached_stage"]
+__all__ = ["architecture_signature", "cached_stage", "loss_signature"]
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +36,22 @@ def cached_stage(path: Path | None, what: str, make: Callable[[], dict[str, Any]
         partial.replace(path)  # atomic: an interrupted write never leaves a cache entry
         log.info("%s cached in %s", what, path)
     return state
+
+
+def architecture_signature(module: nn.Module) -> dict[str, Any]:
+    """What identifies a network's architecture for a cache key: its layers (repr), its parameter and buffer
+    shapes, and the plain settings each submodule keeps (e.g. a residual block's `skip_rescale`)."""
+    settings = {}
+    for name, sub in module.named_modules():
+        plain = {k: v for k, v in vars(sub).items()
+                 if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}
+        if plain:
+            settings[name or "."] = plain
+    return {"class": type(module).__name__, "layers": repr(module),
+            "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}, "settings": settings}
+
+
+def loss_signature(loss: Any) -> dict[str, Any]:
+    """What identifies a diffusion loss for a cache key: its class and its plain settings."""
+    return {"class": type(loss).__name__,
+            **{k: v for k, v in vars(loss).items() if isinstance(v, (bool, int, float, str))}}

@@ -30,10 +30,10 @@ from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods.public_stage import PublicDiffusionStage
-from dp_diffusion.methods.stage_cache import cached_stage
+from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import PrivacySpec
 
-__all__ = ["WarmStartSettings", "architecture_signature", "warm_start_weights"]
+__all__ = ["WarmStartSettings", "warm_start_weights"]
 
 log = logging.getLogger(__name__)
 WARM_START_FILE = "warm_start.pt"
@@ -61,24 +61,6 @@ class WarmStartSettings(Settings):
     seed: int = 0
 
 
-def architecture_signature(module: nn.Module) -> dict[str, Any]:
-    """What identifies a network's architecture for a cache key: its layers (repr), its parameter and buffer
-    shapes, and the plain settings each submodule keeps (e.g. a residual block's `skip_rescale`)."""
-    settings = {}
-    for name, sub in module.named_modules():
-        plain = {k: v for k, v in vars(sub).items()
-                 if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}
-        if plain:
-            settings[name or "."] = plain
-    return {"class": type(module).__name__, "layers": repr(module),
-            "shapes": {k: list(v.shape) for k, v in module.state_dict().items()}, "settings": settings}
-
-
-def _loss_signature(loss: DiffusionLoss) -> dict[str, Any]:
-    return {"class": type(loss).__name__,
-            **{k: v for k, v in vars(loss).items() if isinstance(v, (bool, int, float, str))}}
-
-
 def warm_start_weights(
     *,
     initial_backbone: nn.Module,
@@ -100,7 +82,7 @@ def warm_start_weights(
     num_classes = private_info.num_classes
     key = public_cache_key(public_cfg, {"warm_start": dict(vars(settings)), "num_classes": num_classes,
                                         "backbone": architecture_signature(initial_backbone),
-                                        "loss": _loss_signature(loss)},
+                                        "loss": loss_signature(loss)},
                            image_shape=private_info.image_shape)
     path = Path(cache_dir) / key / WARM_START_FILE if cache_dir else None
 
