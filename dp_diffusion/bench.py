@@ -64,6 +64,7 @@ from torch.utils.data import Dataset
 from dp_diffusion import allocator
 from dp_diffusion.build import build_method
 from dp_diffusion.config import ConfigError
+from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.diffusion.samplers import SAMPLERS, generate
@@ -115,6 +116,10 @@ def compose_config(method: str = "dpdm", model: str = "dpdm", overrides: Sequenc
             cfg = compose("config", overrides=[f"method={method}", f"model={model}", *BENCH_OVERRIDES, *overrides])
     except HydraException as err:
         raise BenchSettingsError(f"--override: {str(err).strip().splitlines()[0]}") from None
+    try:
+        resolve_public(cfg)
+    except ConfigError as err:
+        raise BenchSettingsError(f"config: {err}") from None
     return cfg
 
 

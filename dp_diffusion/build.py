@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dp_diffusion.config import ConfigError
+from dp_diffusion.data.public import resolve_public
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.privacy import PrivacySpec, PrivateTrainingModule, plan_steps
 
@@ -173,7 +174,8 @@ def check_arguments(method_cls: type, parts: Mapping[str, Any], module_args: Map
 
 
 def build_method(cfg: DictConfig, info: DatasetInfo, num_examples: int | None = None) -> PrivateTrainingModule:
-    """The method's module with its parts and loss, sized for data set `info`."""
+    """The method's module with its parts and loss, sized for data set `info` (`public=auto` resolved in `cfg`)."""
+    resolve_public(cfg)
     num_classes = info.num_classes if cfg.method.conditional else 0
     try:
         # Partial: parts, loss and spec are passed as objects, not through OmegaConf.

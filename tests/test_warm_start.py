@@ -131,3 +131,23 @@ def test_bad_warm_start_settings_are_one_line_errors(tmp_path):
     module = build_method(compose_cfg(tmp_path, "data=digits", "public=digits"), dataset_info("digits"), 1442)
     with pytest.raises(ConfigError, match="digits"):  # the private set itself is no public set
         module.fit_public_stages(CountingTrainers(tmp_path))
+
+
+def test_public_auto_resolves_by_the_private_set_name(tmp_path):
+    from dp_diffusion.data.public import resolve_public
+
+    default = compose_cfg(tmp_path)
+    assert default.public.name == "auto"
+    resolve_public(default)  # the main job: mnist5k -> scikit-learn digits
+    assert default.public.name == "digits" and default.public.root == default.data.root
+    on_digits = compose_cfg(tmp_path, "data=digits")
+    resolve_public(on_digits)  # digits is the private set: no public set
+    assert on_digits.public.name == "none"
+    kept = compose_cfg(tmp_path, "+public.max_images=50")
+    resolve_public(kept)
+    assert (kept.public.name, kept.public.max_images) == ("digits", 50)
+    explicit = compose_cfg(tmp_path, "public=dead_leaves")
+    resolve_public(explicit)
+    assert explicit.public.name == "dead_leaves"
+    with pytest.raises(ConfigError, match="public=auto is none for data=digits"):
+        resolve_public(compose_cfg(tmp_path, "data=digits", "+public.max_images=50"))

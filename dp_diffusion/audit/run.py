@@ -28,6 +28,7 @@ from dp_diffusion.audit.canaries import add_canaries, audit_dataset, binary_patt
 from dp_diffusion.audit.whitebox import CanaryUpdateRecorder, dirac_scale
 from dp_diffusion.build import build_method, config_to_dict
 from dp_diffusion.config import ConfigError
+from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config, validate_privacy
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.data import build_datamodule
@@ -115,6 +116,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     if audit.steps is not None:
         with open_dict(cfg):
             cfg.train.steps = audit.steps
+    resolve_public(cfg)
     validate_config(cfg)
     out = Path(cfg.output_dir)
     info = dataset_info(cfg.data.name)

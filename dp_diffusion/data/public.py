@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from dp_diffusion.data import DatasetInfo, DatasetNotFoundError, available_datasets, build_datamodule
@@ -87,6 +87,10 @@ _KEYS: dict[str, dict[str, Any]] = {
 _LOCATION_KEYS = ("root", "download", "folder")
 # Top-level names of private config; a public stage's cache key refuses them.
 _PRIVATE_KEYS = frozenset({"data", "privacy", "private"})
+PUBLIC_CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "public"
+AUTO_PUBLIC = "auto"
+# public=auto: the private set's embedded offline public set (a fixed table of names; none where there is none).
+DEFAULT_PUBLIC = {"mnist5k": "digits", "mnist": "digits"}
 PUBLIC_CACHE_VERSION = 1  # bump when loading or adaptation changes what one public config yields
 
 
@@ -382,3 +386,19 @@ def public_cache_key(
     except TypeError as err:
         raise ValueError(f"public_cache_key: extra must hold numbers, strings, lists and dicts only: {err}") from None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve_public(cfg: DictConfig) -> None:
+    """Replace `public: {name: auto, ...}` by the private set's default public config (`DEFAULT_PUBLIC`,
+    else none), keeping the keys given beside the name; any other public config is left as it is."""
+    public = cfg.get("public")
+    if public is None or public.get("name") != AUTO_PUBLIC:
+        return
+    choice = DEFAULT_PUBLIC.get(cfg.data.name, "none")
+    given = {k: v for k, v in OmegaConf.to_container(public).items() if k != "name"}
+    if choice == "none" and given:
+        raise _config_error(f"public=auto is none for data={cfg.data.name}, so public.{next(iter(given))} has no "
+                          "public set to apply to: name one (e.g. public=dead_leaves)")
+    resolved = OmegaConf.merge(OmegaConf.load(PUBLIC_CONF_DIR / f"{choice}.yaml"), given)
+    with open_dict(cfg):
+        cfg.public = resolved

@@ -53,7 +53,7 @@ class WarmStartSettings(Settings):
         "seed": integer(0),
     }
 
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2.0e-3
     noise_multiplicity: int = 1
