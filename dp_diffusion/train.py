@@ -34,6 +34,7 @@ from dp_diffusion.data import build_datamodule
 from dp_diffusion.evaluate import append_results, flat_metrics, format_metrics, score_samples, validate_eval
 from dp_diffusion.privacy import summary, write_report
 from dp_diffusion.privacy.report import describe_evaluation
+from dp_diffusion.run_estimate import RunEstimate, after_training
 from dp_diffusion.sampling import save_samples
 from dp_diffusion.wandb_logging import log_run_summary, wandb_callbacks
 
@@ -121,6 +122,7 @@ def build_trainer(cfg: DictConfig, out: Path, max_steps: int, config: dict[str, 
     callbacks = [
         *callbacks,
         StoreConfig(config),
+        RunEstimate(then=after_training(cfg)),
         ModelCheckpoint(
             dirpath=checkpoints,
             filename="step{step}",
@@ -171,6 +173,7 @@ def build_public_trainer(cfg: DictConfig, out: Path, max_steps: int) -> L.Traine
         max_epochs=-1,
         default_root_dir=str(out),
         logger=build_logger(cfg, save_dir=str(out)),
+        callbacks=[RunEstimate(stage=out.name)],
         enable_checkpointing=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
