@@ -28,6 +28,7 @@ from dp_diffusion.build import CONFIG_KEY, build_method, config_to_dict
 from dp_diffusion.checkpoints import (CHECKPOINT_DIR, INTERRUPTED, SafeCheckpointIO, check_run_dir,
                                       clear_checkpoints, read_checkpoint)
 from dp_diffusion.config import ConfigError
+from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config, validate_privacy
 from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.data import build_datamodule
@@ -188,6 +189,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     """
     started = time.time()
     quiet_third_party_noise()
+    resolve_public(cfg)  # public=auto: the private set's embedded public set, recorded as resolved
     validate_config(cfg)
     validate_eval(cfg.eval)
     out = Path(cfg.output_dir)
