@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The privacy-utility frontier on the embedded MNIST digits (mnist5k): every method at each epsilon, one
+# results file, then `dp-diffusion report` into experiments/results/mnist5k/ (RESULTS.md, plots, grid mosaic).
+#
+#   bash experiments/frontier_mnist5k.sh                       # epsilon 0.2, 1, 10; seed 0
+#   EPSILONS=1,10 SEEDS=0,1 bash experiments/frontier_mnist5k.sh
+#   METHODS="dpdm_scratch dpdm_warm" bash experiments/frontier_mnist5k.sh   # a subset
+#   EXTRA="trainer=gpu" bash experiments/frontier_mnist5k.sh                 # overrides for every run
+#
+# Runs already in the results file (same method config, epsilon and seed) are skipped, so an interrupted
+# frontier continues where it stopped. Each entry is a CPU-sized config of the method (conf/experiment/*_cpu
+# or the main job); the report's wall-time column gives each run's compute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DP=${DP:-dp-diffusion}
+EPSILONS=${EPSILONS:-0.2,1,10}
+SEEDS=${SEEDS:-0}
+OUT=${OUT:-runs/frontier_mnist5k}
+REPORT=${REPORT:-experiments/results/mnist5k}
+METHODS=${METHODS:-"dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad"}
+EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
+RESULTS="$OUT/results.jsonl"
+mkdir -p "$OUT"
+
+overrides_for() {  # the config of one frontier entry
+  case "$1" in
+    dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
+    dpdm_warm)    echo "" ;;                                   # the main job: DPDM warm-started on public digits
+    dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
+    dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu" ;;
+    dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad)" >&2; exit 2 ;;
+  esac
+}
+
+done_already() {  # entry epsilon seed -> 0 if the results file holds that run
+  [ -f "$RESULTS" ] && python3 - "$RESULTS" "$1" "$2" "$3" <<'PY'
+import json, sys
+path, entry, eps, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+for line in open(path):
+    r = json.loads(line)
+    if (r.get("kind") == "train" and f"+frontier={entry}" in r.get("overrides", [])
+            and float(r.get("target_epsilon") or -1) == eps and int(r.get("seed", -1)) == seed):
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+for entry in $METHODS; do
+  for eps in ${EPSILONS//,/ }; do
+    for seed in ${SEEDS//,/ }; do
+      if done_already "$entry" "$eps" "$seed"; then echo "frontier: $entry epsilon=$eps seed=$seed already done"; continue; fi
+      echo "frontier: $entry epsilon=$eps seed=$seed"
+      # shellcheck disable=SC2046
+      $DP train $(overrides_for "$entry") privacy.epsilon="$eps" seed="$seed" "+frontier=$entry" $EXTRA \
+        results_file="$RESULTS" hydra.run.dir="$OUT/$entry/eps$eps-seed$seed" overwrite=true
+    done
+  done
+done
+$DP report "$RESULTS" --out "$REPORT"
