@@ -20,6 +20,7 @@ from dp_diffusion.data.public import (
     load_public,
     normalise_public,
     public_cache_key,
+    resolve_public,
     validate_public,
 )
 
@@ -50,15 +51,16 @@ def one_line_config_error(excinfo: pytest.ExceptionInfo) -> str:
 
 
 def test_group_has_the_public_sets() -> None:
-    expected = {"none", "emnist", "svhn", "cifar10", "imagenet32", "imagenet64", "dead_leaves", "digits"}
+    expected = {"auto", "none", "emnist", "svhn", "cifar10", "imagenet32", "imagenet64", "dead_leaves", "digits"}
     assert set(PUBLIC_GROUP) == expected
 
 
 @pytest.mark.parametrize("name", PUBLIC_GROUP)
 def test_every_group_file_composes_and_validates(name: str, tmp_path: Path) -> None:
     cfg = compose_config("data=mnist5k", f"public={name}", f"data.root={tmp_path}")
+    resolve_public(cfg)  # auto: mnist5k's embedded public set
     spec = validate_public(cfg.public, dataset_info(cfg.data.name))
-    assert spec["name"] == name
+    assert spec["name"] == ("digits" if name == "auto" else name)
     if "root" in spec:  # file-backed public sets read from data.root
         assert spec["root"] == str(tmp_path)
 
