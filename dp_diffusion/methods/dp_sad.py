@@ -50,14 +50,14 @@ from torch import Tensor, nn
 
 from dp_diffusion.build import CONFIG_KEY
 from dp_diffusion.checkpoints import read_checkpoint
-from dp_diffusion.config import ConfigError, Rule, Settings, integer, number, one_of, optional
+from dp_diffusion.config import ConfigError, Rule, Settings, number, one_of, optional
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods import adversarial
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.dpdm import DPDM
-from dp_diffusion.methods.public_stage import PublicDiffusionStage
+from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
@@ -84,12 +84,7 @@ class TeacherSettings(Settings):
     RULES: ClassVar[Mapping[str, Rule]] = {
         "source": one_of(TEACHER_SOURCES),
         "checkpoint": optional(Rule(lambda v: isinstance(v, str) and bool(v), "a path"), "null"),
-        "steps": integer(1),
-        "batch_size": integer(1),
-        "lr": number(above=0, finite=True),
-        "noise_multiplicity": integer(1),
-        "ema_decay": number(at_least=0, below=1),
-        "seed": integer(0),
+        **STAGE_TRAINING_RULES,
         "epsilon_fraction": number(above=0, below=1),
     }
 

@@ -8,6 +8,7 @@ LightningModules that a method's `fit_public_stages(make_trainer)` fits with the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -15,10 +16,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dp_diffusion.config import Rule, integer, number
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.privacy import Coverage
 
-__all__ = ["AutoencoderStage", "PublicDiffusionStage"]
+__all__ = ["STAGE_TRAINING_RULES", "AutoencoderStage", "PublicDiffusionStage"]
+
+# How a denoiser stage trained without privacy is configured (DPDM's warm start, DP-SAD's teacher): each
+# setting's rule, as `dp_diffusion.config.Settings` reads them.
+STAGE_TRAINING_RULES: Mapping[str, Rule] = {
+        "steps": integer(1),
+        "batch_size": integer(1),
+        "lr": number(above=0, finite=True),
+        "noise_multiplicity": integer(1),
+        "ema_decay": number(at_least=0, below=1),
+        "seed": integer(0),
+}
 
 
 class PublicDiffusionStage(PrivateDiffusion):

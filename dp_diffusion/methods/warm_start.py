@@ -25,11 +25,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dp_diffusion.config import ConfigError, Rule, Settings, integer, number
+from dp_diffusion.config import ConfigError, Rule, Settings
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
-from dp_diffusion.methods.public_stage import PublicDiffusionStage
+from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import PrivacySpec
 
@@ -44,14 +44,7 @@ class WarmStartSettings(Settings):
     """`method.module.warm_start`: how the denoiser is pretrained on the public set (`public=...`)."""
 
     KEY: ClassVar[str] = "method.module.warm_start"
-    RULES: ClassVar[Mapping[str, Rule]] = {
-        "steps": integer(1),
-        "batch_size": integer(1),
-        "lr": number(above=0, finite=True),
-        "noise_multiplicity": integer(1),
-        "ema_decay": number(at_least=0, below=1),
-        "seed": integer(0),
-    }
+    RULES: ClassVar[Mapping[str, Rule]] = STAGE_TRAINING_RULES
 
     steps: int = 600
     batch_size: int = 128
