@@ -26,8 +26,10 @@ CONF = Path(__file__).parents[1] / "conf"
 EVAL_NAME = next(entry.eval for entry in OmegaConf.load(CONF / "config.yaml").defaults if "eval" in entry)
 DEFAULT_EVAL = OmegaConf.load(CONF / "eval" / f"{EVAL_NAME}.yaml")
 SHORTER = {"eval.num_samples": 40, "eval.downstream.epochs": 1}
+# The public warm start (public=auto: digits on mnist5k) is shortened too; it is cached in the test's folder.
 SHORT = ["train.steps=2", "train.batch_size=64", "train.physical_batch_size=64", "sample.num_samples=20",
-         "sample.num_steps=2", *(f"{key}={value}" for key, value in SHORTER.items())]
+         "sample.num_steps=2", "method.module.warm_start.steps=2", "method.module.warm_start.batch_size=16",
+         *(f"{key}={value}" for key, value in SHORTER.items())]
 
 
 def expected_metrics() -> set[str]:
@@ -56,7 +58,8 @@ def test_default_run_evaluates_every_metric(tmp_path, backbone_cache, name):
     # One thread: on shared CPUs a second OpenMP thread mostly waits (measured: 124 s -> 41 s for both runs).
     env = {**os.environ, "DP_DIFFUSION_BACKBONE_CACHE": str(backbone_cache), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "dp_diffusion", "train", f"data={name}", *SHORT,
-                             f"hydra.run.dir={tmp_path / 'run'}", f"results_file={tmp_path / 'all.jsonl'}"],
+                             f"hydra.run.dir={tmp_path / 'run'}", f"results_file={tmp_path / 'all.jsonl'}",
+                             f"method.module.cache_dir={tmp_path / 'cache'}"],
                             capture_output=True, text=True, timeout=900, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "Traceback" not in output, output[-4000:]
