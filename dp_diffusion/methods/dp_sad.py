@@ -73,7 +73,7 @@ TEACHER_MECHANISM = "teacher"  # the ledger's name of a DP teacher's recorded hi
 PAPER_MECHANISM = "dp_sad_output_sanitiser"  # the ledger's name of the paper variant's (non-guarantee) steps
 PUBLIC_TEACHER_FILE = "public_teacher.pt"  # the public teacher's EMA denoiser, under cache_dir/<key>/
 TEACHER_COST_KEY = "dp_sad_teacher"  # checkpoint key: what an in-run DP teacher cost (epsilon, steps, wall time)
-TRAINING_SETTINGS = ("steps", "batch_size", "lr", "noise_multiplicity", "ema_decay", "seed")  # what trains a teacher
+TRAINING_SETTINGS = tuple(STAGE_TRAINING_RULES)  # what trains a teacher (its cache key)
 
 
 @dataclass(frozen=True)

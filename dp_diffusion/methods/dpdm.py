@@ -43,7 +43,9 @@ class DPDM(PrivateDiffusion):
         public = OmegaConf.to_container(public, resolve=True) if isinstance(public, DictConfig) else dict(public or {})
         self.public_cfg = public if public.get("name") not in (None, "none") else {}
         self.warm_start = WarmStartSettings.from_config(warm_start)
-        self._initial_backbone = [copy.deepcopy(backbone)]  # a list keeps it out of the module tree
+        # The untrained backbone the warm start pretrains (a list keeps it out of the module tree); only kept
+        # when there is a public set, so a run from scratch holds no second copy of the weights.
+        self._initial_backbone = [copy.deepcopy(backbone)] if self.public_cfg else []
         super().__init__(backbone, loss, **settings)
         self.cache_dir = cache_dir
         self.data_name = data_name
