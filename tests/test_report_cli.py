@@ -133,6 +133,23 @@ def test_published_numbers_only_where_method_data_and_epsilon_match(results, tmp
     assert "No published number matches" in section(text, "digits")
 
 
+def test_published_comparison_says_when_our_run_pretrained_on_public_data(tmp_path):
+    """A warm-started DPDM run (its privacy report lists a public stage) beside DPDM's paper rows (from scratch):
+    each row names the difference; a run whose config names a public set it never used (public=auto resolved,
+    nothing pretrained) is not marked."""
+    warm = make_record(tmp_path, "dpdm", 10.0, 0, 50.0, 0.83)
+    warm["privacy"]["covers"]["never_saw_private_data"] = ["the warm start: the denoiser pretrained on public digits"]
+    warm["config"] = {"public": {"name": "digits"}}
+    unused = make_record(tmp_path, "dpdm", 1.0, 0, 300.0, 0.6)
+    unused["config"] = {"public": {"name": "digits"}}
+    groups, _ = group_runs([warm, unused])
+    rows = compare(groups, load_published(PUBLISHED_FILE))
+    at_10 = [r for r in rows if r.group.epsilon == 10.0 and r.entry["method"] == "dpdm"]
+    at_1 = [r for r in rows if r.group.epsilon == 1.0]
+    assert at_10 and all("public pretraining: ours digits, theirs none" in r.differences for r in at_10)
+    assert at_1 and not any("public pretraining" in d for r in at_1 for d in r.differences)
+
+
 def test_published_file_parses_and_every_number_has_a_source(tmp_path):
     entries = load_published(PUBLISHED_FILE)
     assert len(entries) >= 10

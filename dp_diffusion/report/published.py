@@ -2,8 +2,9 @@
 
 A published number is shown beside ours when the method, the data set family and epsilon match.
 Everything else that differs is said next to it, never left for the reader to guess: the FID backbone,
-the downstream classifier, the private training set's size, delta, a third-party (unverified) source,
-and the entry's own caveats.
+the downstream classifier, the private training set's size, delta, the public data a run pretrained on
+(ours: a public stage in the run's privacy report; theirs: the entry's `public`, "none" when absent), a
+third-party (unverified) source, and the entry's own caveats.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def _our_size(group: Group) -> int | None:
         return None
 
 
+def _our_public(group: Group) -> str:
+    """The public set our runs pretrained on (read from what their privacy report lists as never having seen
+    private data), or "none"."""
+    names = set()
+    for record in group.runs:
+        covers = ((record.get("privacy") or {}).get("covers") or {}).get("never_saw_private_data") or []
+        public = ((record.get("config") or {}).get("public") or {}).get("name", "none")
+        names.add(public if public != "none" and any("public" in line for line in covers) else "none")
+    return ", ".join(sorted(names)) or "none"
+
+
 def _our_values(group: Group, metric: str) -> dict[str, list[float]]:
     """Our values of `metric`, by what they were measured with (backbone or classifier)."""
     found: dict[str, list[float]] = defaultdict(list)
@@ -97,6 +109,9 @@ def differences(group: Group, metric: str, measured_with: str, entry: Mapping[st
     if group.data != entry["data"] or size != entry["train_size"]:
         found.append(f"data: ours {group.data} N={size if size is not None else '?'}, "
                      f"theirs {entry['data']} N={entry['train_size']}")
+    ours_public, theirs_public = _our_public(group), str(entry.get("public", "none"))
+    if ours_public != theirs_public:
+        found.append(f"public pretraining: ours {ours_public}, theirs {theirs_public}")
     deltas = {(r.get("privacy") or {}).get("delta") for r in group.runs} - {None}
     if entry.get("delta") is not None and deltas and deltas != {entry["delta"]}:
         found.append(f"delta: ours {', '.join(f'{d:g}' for d in sorted(deltas))}, theirs {entry['delta']:g}")
