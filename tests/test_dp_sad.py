@@ -278,15 +278,16 @@ def test_paper_variant_reports_that_its_epsilon_is_not_a_guarantee(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [(), ("method.module.privacy_model=paper", "method.module.teacher.source=nonprivate")])
 def test_cpu_experiment_runs_a_few_steps_through_the_cli(tmp_path, variant):
-    """`dp-diffusion train experiment=dp_sad_mnist5k_cpu` (on digits, a few steps), both privacy models: the run
-    writes privacy.json, samples and a results record; only the paper variant's record is marked."""
+    """`dp-diffusion train experiment=dp_sad_mnist5k_cpu` (on digits with a dead-leaves teacher, a few steps), both
+    privacy models: the run writes privacy.json, samples and a results record; only the paper variant's record
+    is marked."""
     import json
     import subprocess
     import sys
 
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "dp_diffusion", "train", "experiment=dp_sad_mnist5k_cpu", *TINY[:3], *variant,
-               "train.steps=2", "train.batch_size=32", "train.physical_batch_size=32", "public.size=64",
+    command = [sys.executable, "-m", "dp_diffusion", "train", "experiment=dp_sad_mnist5k_cpu", *TINY[:5], *variant,
+               "train.steps=2", "train.batch_size=32", "train.physical_batch_size=32",
                "method.module.teacher.steps=2", "method.module.teacher.batch_size=16", "sample.num_samples=4",
                "sample.num_steps=2", "eval.enabled=false", f"hydra.run.dir={run_dir}",
                f"method.module.cache_dir={tmp_path / 'cache'}",

@@ -1,7 +1,9 @@
 """DP-SAD's teachers trained in the run: a `dp` teacher without a checkpoint is trained with DP-SGD on the private
 set through the privacy core at `epsilon_fraction` of the target, its history is composed with the student's (whose
 sigma is calibrated to what it left), a resumed run neither retrains nor re-records it; a bad fraction is a one-line
-ConfigError; a `public` teacher is cached by its public config and the second run loads it without a trainer."""
+ConfigError; a `public` teacher is cached by its public config and the second run loads it without a trainer; a
+labeled public set trains the teacher's class rows (asked with the student's labels), an unlabeled one its null
+class."""
 
 from __future__ import annotations
 
@@ -10,14 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from dp_diffusion.build import config_to_dict
+from hydra import compose, initialize_config_dir
+from torch.utils.data import Subset
+
+from dp_diffusion.build import build_method, config_to_dict
+from dp_diffusion.cli import CONF_DIR
+from dp_diffusion.data import build_datamodule
+from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.config import ConfigError
 from dp_diffusion.methods.dp_sad import DPSAD, PUBLIC_TEACHER_FILE, TEACHER_MECHANISM
 from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.privacy import PrivacyError
 from dp_diffusion.privacy.accounting import calibrate_noise_multiplier, headline_epsilon
 from dp_diffusion.train import StoreConfig
-from test_dp_sad import built, cheap_trainer, compose_cfg, state
+from test_dp_sad import SAD, built, cheap_trainer, compose_cfg, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,3 +193,43 @@ def test_in_run_teacher_of_a_non_private_baseline_is_reported_as_such(tmp_path):
     assert module.teacher_cost["epsilon"] is None
     report = module.privacy_report()
     assert not report["private"] and any("teacher" in line for line in report["covers"]["saw_private_data_without_dp"])
+
+
+def mnist5k_student(tmp_path: Path, public: str, *overrides: str) -> DPSAD:
+    """A DP-SAD module on 64 embedded MNIST digits (private) with the public teacher on `public`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[
+            "data=mnist5k", f"public={public}", "model=tiny", "model.nf=8", "train.steps=2", "train.batch_size=32",
+            "train.physical_batch_size=32", *SAD, f"method.module.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path}", *overrides])
+    datamodule = build_datamodule("mnist5k", root=cfg.data.root)
+    datamodule.setup("fit")
+    train_set = Subset(datamodule.train_set, range(64))
+    module = build_method(cfg, dataset_info("mnist5k"), len(train_set))
+    module.attach_private_data(train_set)
+    return module
+
+
+def test_labeled_public_teacher_learns_the_class_rows_and_is_asked_with_the_students_labels(tmp_path):
+    """public=digits for mnist5k: the teacher trains class rows y (the warm start's rule) and a step asks it with
+    the student's (label-dropped) labels; dead leaves (unlabeled): its null class, for every example. The rule
+    travels with the cached teacher and in the module's state (a resumed run asks the teacher the same way)."""
+    module, trainers = mnist5k_student(tmp_path, "digits"), Trainers(tmp_path / "a")
+    assert not bool(module.teacher_class_rows)  # a public teacher: unknown until trained
+    module.fit_public_stages(trainers)
+    assert not trainers.trainers[0].lightning_module.null_labels
+    assert bool(module.teacher_class_rows) and bool(module.state_dict()["teacher_class_rows"])
+    images, labels = next(iter(torch.utils.data.DataLoader(module.train_set, batch_size=8)))
+    prepared = module.prepare_batch((images, labels))
+    assert torch.equal(module._teacher_labels(prepared), prepared["labels"])
+    assert set(labels.tolist()) & set(prepared["labels"].reshape(-1).tolist())  # real classes, not all null
+
+    cached, again = mnist5k_student(tmp_path, "digits", "privacy.epsilon=1"), Trainers(tmp_path / "b")
+    cached.fit_public_stages(again)
+    assert again.names == [] and bool(cached.teacher_class_rows)
+
+    unlabeled, leaves = mnist5k_student(tmp_path, "dead_leaves", "public.size=64"), Trainers(tmp_path / "c")
+    unlabeled.fit_public_stages(leaves)
+    assert leaves.trainers[0].lightning_module.null_labels and not bool(unlabeled.teacher_class_rows)
+    prepared = unlabeled.prepare_batch((images, labels))
+    assert torch.all(unlabeled._teacher_labels(prepared) == unlabeled.num_classes)

@@ -10,8 +10,11 @@ Algorithm (reference notes, papers-dpsad-dpsyngen-benchmarks.md section 1.2, rec
    of the target); its ledger is recorded in this run's ledger as mechanism "teacher" before calibration, so
    the student and discriminator get what the teacher left of the target and the reported epsilon composes
    all three;
-   ``public``: pretrained on the ``public/`` set (no privacy cost; used with the null class label), cached
-   under ``cache_dir`` by a key of its public config only, so a sweep over epsilon pretrains it once;
+   ``public``: pretrained on the ``public/`` set (no privacy cost), cached under ``cache_dir`` by a key of
+   its public config only, so a sweep over epsilon pretrains it once; labels by the warm start's rule
+   (``public_stage.trains_class_rows``): a labeled public set with the private classes (digits for MNIST)
+   trains class rows and the teacher is asked with the student's labels, an unlabeled one (dead leaves)
+   trains the null class, with which the teacher is then always asked;
    ``nonprivate``: trained on the private set without DP (the paper's setting; ``privacy_model=paper`` only).
    A teacher is trained from its own seed (``teacher.seed``); the run's generator continues as if it had not
    been, so a run that finds it cached trains exactly as one that made it. The teacher is frozen from then on.
@@ -57,7 +60,7 @@ from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods import adversarial
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.dpdm import DPDM
-from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage
+from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage, trains_class_rows
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
@@ -165,6 +168,9 @@ class DPSAD(PrivateDiffusion):
         self.sanitiser: OutputSanitiser | None = None
         self._student_optimizer: torch.optim.Optimizer | None = None
         self.register_buffer("teacher_trained", torch.tensor(False))
+        # Whether the teacher knows the private classes (False: a public teacher trained on the null class only);
+        # a buffer, so a resumed run (which does not train the teacher again) asks it as the first run did.
+        self.register_buffer("teacher_class_rows", torch.tensor(teacher_settings.source != "public"))
 
     # ---- roles ---------------------------------------------------------------------------------
     @property
@@ -220,17 +226,26 @@ class DPSAD(PrivateDiffusion):
         if source == "dp":
             return self._train_dp_teacher(make_trainer)
         if source == "nonprivate":
-            return self._train_teacher(make_trainer, public=False)
+            return self._train_teacher(make_trainer)
         path = Path(self.cache_dir) / self.public_teacher_key() / PUBLIC_TEACHER_FILE if self.cache_dir else None
-        return cached_stage(path, f"DP-SAD: public teacher ({self.public_cfg.get('name')})",
-                            lambda: self._train_teacher(make_trainer, public=True))
+        cached = cached_stage(path, f"DP-SAD: public teacher ({self.public_cfg.get('name')})",
+                              lambda: self._train_public_teacher(make_trainer))
+        self.teacher_class_rows.fill_(bool(cached["class_rows"]))
+        return cached["weights"]
+
+    def _train_public_teacher(self, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Any]:
+        """{"weights": the public teacher's EMA weights, "class_rows": whether it was trained on class rows}."""
+        info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
+        public = load_public(self.public_cfg, info)
+        class_rows = trains_class_rows(public, self.num_classes, self.data_name)
+        return {"weights": self._train_teacher(make_trainer, public, class_rows), "class_rows": class_rows}
 
     def public_teacher_key(self) -> str:
         """Cache key of the public teacher: the public set, the teacher's architecture, the loss and the teacher's
         training settings. Nothing private enters (the private set's image shape and class count are public)."""
         stage = {"teacher": architecture_signature(self._initial_teacher[0]), "loss": loss_signature(self.loss),
                  "settings": {k: getattr(self.teacher_settings, k) for k in TRAINING_SETTINGS},
-                 "num_classes": self.num_classes}
+                 "num_classes": self.num_classes, "labels": "public class y -> row y; unlabeled -> null row"}
         return public_cache_key(self.public_cfg, stage, image_shape=self.image_shape)
 
     def _record_teacher_history(self, ledger: PrivacyLedger, source: str) -> None:
@@ -338,25 +353,23 @@ class DPSAD(PrivateDiffusion):
                               "choose a smaller fraction") from None
         return teacher.sampling_denoiser().state_dict()
 
-    def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: bool) -> dict[str, Tensor]:
-        """Train the teacher without DP on the public set (`public`) or on the private set (`nonprivate`, the
-        paper's setting); returns its EMA weights."""
+    def _train_teacher(self, make_trainer: Callable[[int, str], L.Trainer], public: Any = None,
+                       class_rows: bool = True) -> dict[str, Tensor]:
+        """Train the teacher without DP on the `public` set (class rows or the null class, by `class_rows`) or,
+        with `public` None, on the private set (`nonprivate`, the paper's setting); returns its EMA weights."""
         s = self.teacher_settings
-        if public:
-            info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
-            dataset = load_public(self.public_cfg, info)
-        else:
-            if self.train_set is None:
-                raise RuntimeError("attach_private_data(dataset) must be called before fit_public_stages")
-            dataset = self.train_set
+        if public is None and self.train_set is None:
+            raise RuntimeError("attach_private_data(dataset) must be called before fit_public_stages")
+        dataset = self.train_set if public is None else public
         stage = self._teacher_stage(
             PublicDiffusionStage, PrivacySpec(enabled=False, noise_multiplicity=s.noise_multiplicity,
                                               reproducible=True, grad_mode=self.privacy_spec.grad_mode), dataset)
-        stage.null_labels = public  # a public teacher knows no private class: it is used unconditionally
-        name = "public_teacher" if public else "nonprivate_teacher"
-        log.info("DP-SAD: training the teacher on %s for %d steps (%s)",
-                 self.public_cfg.get("name") if public else f"the private {self.data_name} WITHOUT DP", s.steps,
-                 "no privacy cost" if public else "not covered by any guarantee")
+        stage.null_labels = not class_rows
+        name = "nonprivate_teacher" if public is None else "public_teacher"
+        log.info("DP-SAD: training the teacher on %s for %d steps (%s%s)",
+                 f"the private {self.data_name} WITHOUT DP" if public is None else self.public_cfg.get("name"),
+                 s.steps, "not covered by any guarantee" if public is None else "no privacy cost",
+                 "" if class_rows else "; the null class only: its set has no labels for the private classes")
         make_trainer(s.steps, name).fit(stage)
         return stage.sampling_denoiser().state_dict()
 
@@ -388,9 +401,9 @@ class DPSAD(PrivateDiffusion):
 
     def _teacher_labels(self, prepared: Mapping[str, Tensor]) -> Tensor | None:
         labels = prepared.get("labels")
-        if labels is None or self.teacher_settings.source != "public":
+        if labels is None or bool(self.teacher_class_rows):
             return labels
-        return torch.full_like(labels, self.num_classes)  # the public teacher's null class
+        return torch.full_like(labels, self.num_classes)  # a public teacher without class rows: its null class
 
     @staticmethod
     def _rows(prepared: Mapping[str, Tensor], key: str) -> Tensor:

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dp_diffusion.config import Rule, integer, number
+from dp_diffusion.config import ConfigError, Rule, integer, number
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.privacy import Coverage
 
-__all__ = ["STAGE_TRAINING_RULES", "AutoencoderStage", "PublicDiffusionStage"]
+__all__ = ["STAGE_TRAINING_RULES", "AutoencoderStage", "PublicDiffusionStage", "trains_class_rows"]
 
 # How a denoiser stage trained without privacy is configured (DPDM's warm start, DP-SAD's teacher): each
 # setting's rule, as `dp_diffusion.config.Settings` reads them.
@@ -32,6 +32,20 @@ STAGE_TRAINING_RULES: Mapping[str, Rule] = {
         "ema_decay": number(at_least=0, below=1),
         "seed": integer(0),
 }
+
+
+def trains_class_rows(public: Any, num_classes: int, private_name: str) -> bool:
+    """The label rule of a denoiser pretrained on a `public` set (a `PublicImages`) for a private set of
+    `num_classes` classes: public class y trains class row y (True) when both sets are labeled; an unlabeled
+    public set (or an unconditional private one) trains the null class only (False). A public set with more
+    classes than the private one is a ConfigError."""
+    if num_classes == 0 or not public.conditional:
+        return False
+    if public.num_classes > num_classes:
+        raise ConfigError(f"public={public.name} has {public.num_classes} classes, the private set "
+                          f"{private_name} {num_classes}: public class y trains private class row y, so "
+                          f"it needs at most {num_classes} (or public.labels=false: the null class only)")
+    return True
 
 
 class PublicDiffusionStage(PrivateDiffusion):

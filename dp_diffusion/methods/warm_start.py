@@ -25,11 +25,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dp_diffusion.config import ConfigError, Rule, Settings
+from dp_diffusion.config import Rule, Settings
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
-from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage
+from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage, trains_class_rows
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import PrivacySpec
 
@@ -81,10 +81,7 @@ def warm_start_weights(
 
     def pretrain() -> dict[str, Tensor]:
         public = load_public(public_cfg, private_info)
-        if num_classes > 0 and public.num_classes > num_classes:
-            raise ConfigError(f"public={public.name} has {public.num_classes} classes, the private set "
-                              f"{private_info.name} {num_classes}: public class y trains private class row y, so "
-                              f"it needs at most {num_classes} (or public.labels=false: the null class only)")
+        class_rows = trains_class_rows(public, num_classes, private_info.name)
         torch.manual_seed(settings.seed)  # the stage's draws come from its own seed, whatever the run's
         stage = PublicDiffusionStage(
             backbone=copy.deepcopy(initial_backbone), loss=loss,
@@ -93,7 +90,7 @@ def warm_start_weights(
             batch_size=min(settings.batch_size, len(public)), physical_batch_size=physical_batch_size,
             steps=settings.steps, image_shape=private_info.image_shape, num_classes=num_classes,
             lr=settings.lr, ema_decay=settings.ema_decay, seed=settings.seed, num_workers=num_workers)
-        stage.null_labels = num_classes > 0 and not public.conditional  # unlabeled: the null class only
+        stage.null_labels = not class_rows
         stage.attach_private_data(public)  # the public set: the stage's privacy is disabled
         log.info("warm start: pretraining the denoiser on public %s (%d images) for %d steps (no privacy cost)",
                  public.name, len(public), settings.steps)
