@@ -106,3 +106,24 @@ def test_train_command_runs_two_process_ddp(tmp_path):
     report = json.loads((run_dir / "privacy.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 5.0
     assert (run_dir / "checkpoints" / "final.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_dp_sad_with_an_in_run_dp_teacher_runs_two_process_ddp(tmp_path):
+    """DP-SAD whose teacher is trained with DP in the run, under `trainer=ddp` with 2 processes: the teacher's
+    stage and the student's fit both run on both ranks to the end, the report composes the teacher's, the
+    discriminator's and the student's mechanisms within the target, and the teacher's line is printed once."""
+    run_dir = tmp_path / "run"
+    args = ["method=dp_sad", "data=digits", "model=tiny", "model.nf=8", "public=dead_leaves", "public.size=64",
+            "method.module.teacher.source=dp", "method.module.teacher.steps=3", "method.module.teacher.batch_size=32",
+            "method.parts.discriminator.nf=8", "train.steps=3", "train.batch_size=64", "train.physical_batch_size=32",
+            "eval=none", "sample.num_samples=0", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "privacy.epsilon=5", f"hydra.run.dir={run_dir}", f"results_file={tmp_path / 'all.jsonl'}",
+            f"method.module.cache_dir={tmp_path / 'cache'}"]
+    stdout, stderr = run_ranks([sys.executable, "-m", "dp_diffusion", "train", *args], cwd=tmp_path)
+    assert "Traceback" not in stderr and "MEMBER: 2/2" in stdout + stderr
+    assert stdout.count("DP-SAD: DP teacher trained in this run: 3 steps") == 1
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert set(report["mechanisms"]) == {"teacher", "discriminator", "student"}
+    assert report["steps"] == 3 and report["epsilon"] <= 5.0
+    assert (run_dir / "checkpoints" / "final.ckpt").is_file()

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from dp_diffusion.config import ConfigError
+from dp_diffusion.console import announce
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
@@ -329,7 +330,7 @@ class DPLDM(PrivateDiffusion):
         load_base_weights(backbone, pretrained.state_dict())
         load_base_weights(self._backbone_of(self.ema.module), pretrained.state_dict())
         self.public_stages_trained.fill_(True)
-        print(f"DP-LDM: {self.finetune_summary} with DP (public {self.public_cfg['name']} pretraining)", flush=True)
+        announce(f"DP-LDM: {self.finetune_summary} with DP (public {self.public_cfg['name']} pretraining)")
 
     def on_train_start(self) -> None:
         super().on_train_start()

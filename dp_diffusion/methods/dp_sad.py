@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from dp_diffusion.build import CONFIG_KEY
 from dp_diffusion.checkpoints import read_checkpoint
 from dp_diffusion.config import ConfigError, Rule, Settings, number, one_of, optional
+from dp_diffusion.console import announce
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
@@ -338,14 +339,14 @@ class DPSAD(PrivateDiffusion):
                              "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
         if not spec.enabled:  # privacy=none: a non-private baseline, the teacher too (the report says so)
             self.teacher_cost.update(epsilon=None, accountant=None, target_epsilon=None)
-            print(f"DP-SAD: teacher trained in this run WITHOUT DP (privacy=none): {trainer.global_step} steps, "
-                  f"{seconds:.1f} s", flush=True)
+            announce(f"DP-SAD: teacher trained in this run WITHOUT DP (privacy=none): {trainer.global_step} steps, "
+                  f"{seconds:.1f} s")
             return teacher.sampling_denoiser().state_dict()
         epsilon, accountant = teacher.ledger.headline()
         self.teacher_cost.update(epsilon=epsilon, accountant=accountant)
-        print(f"DP-SAD: DP teacher trained in this run: {trainer.global_step} steps, epsilon={epsilon:.3g} "
+        announce(f"DP-SAD: DP teacher trained in this run: {trainer.global_step} steps, epsilon={epsilon:.3g} "
               f"(by {accountant.upper()}; its share {s.epsilon_fraction:g} of the target {spec.epsilon:g}), "
-              f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s", flush=True)
+              f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s")
         try:  # the student's (and discriminator's) sigma, for what the teacher left: refused here in one line
             self.ensure_plan()
         except PrivacyError as err:

@@ -17,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dp_diffusion.console import announce
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
@@ -62,8 +63,8 @@ class DPDM(PrivateDiffusion):
             grad_mode=self.privacy_spec.grad_mode, num_workers=self.num_workers)
         self.denoiser.load_state_dict(weights)
         self.ema.module.load_state_dict(weights)
-        print(f"DPDM: warm start from public {self.public_cfg['name']} pretraining "
-              f"({self.warm_start.steps} steps); DP-SGD trains every parameter from there", flush=True)
+        announce(f"DPDM: warm start from public {self.public_cfg['name']} pretraining "
+              f"({self.warm_start.steps} steps); DP-SGD trains every parameter from there")
 
     def privacy_coverage(self) -> Coverage:
         if not self.public_cfg:
