@@ -15,6 +15,7 @@ from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
 ENTRIES = ("dpdm_scratch", "dpdm_warm", "dp_syngen", "dp_ldm", "dp_sad")
+DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_lambda0", "dp_sad_lambda0.5")
 
 
 def overrides_for(entry: str) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def test_default_entries_are_the_known_ones():
     assert "privacy.epsilon=\"$eps\"" in text and "dp-diffusion}" in text and '$DP report "$RESULTS"' in text
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("entry", ENTRIES + DP_SAD_ENTRIES)
 def test_each_entry_composes_and_validates_on_mnist5k(entry):
     result = overrides_for(entry)
     assert result.returncode == 0, result.stderr
@@ -40,9 +41,13 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
     validate_config(cfg)
     assert cfg.data.name == "mnist5k"
     expected_method = {"dpdm_scratch": "dpdm", "dpdm_warm": "dpdm"}.get(entry, entry)
-    assert cfg.method.name == expected_method
-    assert cfg.public.name == {"dpdm_scratch": "none", "dp_sad": "dead_leaves", "dp_syngen": "digits"}.get(
-        entry, "digits")
+    assert cfg.method.name == ("dp_sad" if entry.startswith("dp_sad") else expected_method)
+    assert cfg.public.name == ("none" if entry == "dpdm_scratch" else "digits")
+    module = cfg.method.module
+    if entry.startswith("dp_sad"):
+        assert (module.privacy_model, module.teacher.source) == {
+            "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
+        assert module.adversarial_weight == {"dp_sad_lambda0": 0, "dp_sad_lambda0.5": 0.5}.get(entry, 1.0)
 
 
 def test_an_unknown_entry_is_refused():
