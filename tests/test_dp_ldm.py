@@ -231,3 +231,23 @@ def test_cache_write_leaves_no_temporary_file(tmp_path):
     module.fit_public_stages(CountingTrainers(tmp_path))
     written = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert written == ["autoencoder.pt", "public_stages.pt"]
+
+
+def test_resuming_a_checkpoint_that_finetuned_another_part_is_a_one_line_error(tmp_path):
+    """A checkpoint whose run fine-tuned `all` (or LoRA of another rank) cannot be resumed as `condition`: the
+    error names both; the same part passes."""
+    from dp_diffusion.build import CONFIG_KEY
+
+    module = build_method(compose_cfg(tmp_path), dataset_info("digits"), 1442)
+    same = {CONFIG_KEY: config_to_dict(compose_cfg(tmp_path))}
+    module.check_resume(same)
+    other = {CONFIG_KEY: config_to_dict(compose_cfg(tmp_path, "method.module.finetune=all"))}
+    with pytest.raises(ConfigError, match="finetune=all; this run asks method.module.finetune=condition") as err:
+        module.check_resume(other)
+    assert "\n" not in str(err.value)
+    lora = build_method(compose_cfg(tmp_path, "method.module.finetune=lora", "method.module.lora_rank=2"),
+                        dataset_info("digits"), 1442)
+    lora.check_resume({CONFIG_KEY: config_to_dict(compose_cfg(tmp_path, "method.module.finetune=lora",
+                                                              "method.module.lora_rank=2"))})
+    with pytest.raises(ConfigError, match=r"lora \(lora_rank=4\); this run asks .*lora \(lora_rank=2\)"):
+        lora.check_resume({CONFIG_KEY: config_to_dict(compose_cfg(tmp_path, "method.module.finetune=lora"))})

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from dp_diffusion.build import CONFIG_KEY
 from dp_diffusion.config import ConfigError
 from dp_diffusion.console import announce
 from dp_diffusion.data.public import load_public, public_cache_key
@@ -162,6 +163,7 @@ class DPLDM(PrivateDiffusion):
         super().__init__(backbone, loss, **settings)
         self.autoencoder = autoencoder.requires_grad_(False)  # no dropout or batch statistics: mode-free
         self.finetune = finetune
+        self.lora_rank = lora_rank if finetune == "lora" else None
         self.finetune_summary: FinetuneSummary = summary
         self.pretraining = pretraining
         self.cache_dir = cache_dir
@@ -171,6 +173,21 @@ class DPLDM(PrivateDiffusion):
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.register_buffer("public_stages_trained", torch.tensor(False))
         log.info("DP-LDM: %s", summary)
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Also refuse, in one line, a checkpoint that fine-tuned another part (`finetune`, LoRA rank): its
+        optimizer state and trainable parameters would not fit this run's."""
+        super().check_resume(checkpoint)
+        stored = ((checkpoint.get(CONFIG_KEY) or {}).get("method") or {}).get("module") or {}
+        if "finetune" not in stored:
+            return
+        was = (stored["finetune"], stored.get("lora_rank") if stored["finetune"] == "lora" else None)
+        if was != (self.finetune, self.lora_rank):
+            def text(finetune: str, rank: int | None) -> str:
+                return f"method.module.finetune={finetune}" + (f" (lora_rank={rank})" if rank is not None else "")
+
+            raise ConfigError(f"resume: checkpoint fine-tuned {text(*was)}; this run asks "
+                              f"{text(self.finetune, self.lora_rank)}: resume with the same part or start a new run")
 
     @classmethod
     def part_shapes(cls, part: str, data: Mapping[str, Any], built: Mapping[str, Any]) -> dict[str, Any]:
