@@ -18,7 +18,10 @@ this times
    is timed only if its per-example gradients match eager fp32 ones; hooks
    and compilers can silently disagree). The grouped mode's layer hooks
    cannot see inside a compiled model, so its compile row is reported as
-   skipped, with that reason.
+   skipped, with that reason;
+5. with `--against METHOD` (e.g. `--method dp_sad --against dpdm`), that method's DP step at the same
+   batch, K and first DP mode, in the same round robin: a row whose note gives this method's DP step
+   over it (what one step of the method costs against another's).
 
 Each row's module comes from `build_method` on a config composed from conf/ (as `dp-diffusion train`
 builds it; `--override key=value` is passed to the composition), so any method that trains through
@@ -31,6 +34,7 @@ raw numbers as JSON; `--compare OLD.json` adds the ratio now / then per row.
     python -m dp_diffusion.bench --model tiny --batch-size 8 --repeats 2
     dp-diffusion bench --method dp_syngen --override method.module.log_tau_cleaning=null
     dp-diffusion bench --device cuda --compare benchmarks/results/old.json
+    dp-diffusion bench --method dp_sad --against dpdm --model tiny --batch-size 256 --modes grouped
 """
 
 from __future__ import annotations
@@ -438,9 +442,13 @@ def default_out(device: torch.device, model: str, method: str = "dpdm") -> Path:
 def _check_settings(model: str, batch_size: int, noise_multiplicities: Sequence[int], modes: Sequence[str],
                     samplers: Sequence[str], sample_steps: int, sample_batch: int, repeats: int, warmup: int,
                     variants: Sequence[str], threads: int | None, physical_batch_size: int | None = None,
-                    method: str = "dpdm") -> None:
+                    method: str = "dpdm", against: str | None = None) -> None:
     if method not in METHODS:
         raise BenchSettingsError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if against is not None and (against not in METHODS or against == method):
+        raise BenchSettingsError(f"--against must be another method of {', '.join(METHODS)}, got {against!r}")
+    if against is not None and not modes:
+        raise BenchSettingsError("--against times the other method's DP step in the first of --modes: give one")
     if model not in MODELS:
         raise BenchSettingsError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if batch_size < 1:
@@ -504,6 +512,7 @@ def run_benchmark(
     physical_batch_size: int | None = None,
     method: str = "dpdm",
     overrides: Sequence[str] = (),
+    against: str | None = None,
 ) -> dict[str, Any]:
     """Times everything (see the module docstring), writes `out`.md / .json, prints the tables; returns the results.
 
@@ -512,13 +521,14 @@ def run_benchmark(
     `physical_batch_size`: examples per forward/backward chunk in every training row (default: the whole
     batch); large K needs it to fit in memory. `method`: conf/method/<method>.yaml; `overrides`: Hydra
     overrides (key=value) of the composed config, applied after the bench's own (`BENCH_OVERRIDES`).
+    `against`: another method whose DP step is timed beside this one's (its own config, without `overrides`).
     """
     dev = resolve_device(device)
     if variants is None:
         variants = tuple(VARIANTS) if dev.type == "cuda" else ()
     noise_multiplicities = sorted({int(k) for k in noise_multiplicities})
     _check_settings(model, batch_size, noise_multiplicities, modes, samplers, sample_steps, sample_batch, repeats,
-                    warmup, variants, threads, physical_batch_size, method)
+                    warmup, variants, threads, physical_batch_size, method, against)
     previous = None
     if compare is not None:
         with open(compare) as f:
@@ -531,7 +541,7 @@ def run_benchmark(
     interrupted = None
     try:
         bench = _Benchmark(model, batch_size, dev, repeats, warmup, seed, verbose, physical_batch_size,
-                           method=method, overrides=overrides)
+                           method=method, overrides=overrides, against=against)
         try:
             for k in noise_multiplicities:
                 train_rows += bench.training_rows(k, modes, variants)
@@ -550,7 +560,8 @@ def run_benchmark(
     result: dict[str, Any] = {
         "env": env,
         "settings": {
-            "method": method, "model": model, "overrides": list(overrides), "num_params": bench.num_params,
+            "method": method, "against": against, "model": model, "overrides": list(overrides),
+            "num_params": bench.num_params,
             "batch_size": batch_size,
             "physical_batch_size": bench.physical_batch_size,
             "noise_multiplicities": noise_multiplicities, "modes": list(modes), "samplers": list(samplers),
@@ -590,8 +601,10 @@ class _Benchmark:
 
     def __init__(self, model: str, batch_size: int, device: torch.device, repeats: int, warmup: int, seed: int,
                  verbose: bool, physical_batch_size: int | None = None, method: str = "dpdm",
-                 overrides: Sequence[str] = ()) -> None:
+                 overrides: Sequence[str] = (), against: str | None = None) -> None:
         self.method, self.model, self.batch_size, self.device = method, model, batch_size, device
+        self.against = against
+        self.against_config = None if against is None else compose_config(against, model)
         self.physical_batch_size = physical_batch_size or batch_size
         self.repeats, self.warmup, self.seed, self.verbose = repeats, warmup, seed, verbose
         self.overrides = list(overrides)
@@ -685,6 +698,10 @@ class _Benchmark:
                 continue
             prepared.append(self.prepare_row(dp_label(mode), k, lambda m=mode: self.private(batch, m, k, None),
                                              mode=mode, per_example_numel=numel))
+        if self.against is not None:
+            mode = modes[0]
+            prepared.append(self.prepare_row(self.against_label(mode), k, lambda: self.against_step(batch, mode, k),
+                                             mode=mode))
         for variant in variants:
             prepared.append(self.prepare_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
                                              lambda v=variant: self.nonprivate(batch, k, v), variant=variant))
@@ -697,6 +714,7 @@ class _Benchmark:
                       f"{self.repeats} rounds")
         try:
             self.time_round_robin(prepared)
+            self.note_against([row for row, _ in prepared], modes)
         finally:
             rows = [row for row, _ in prepared]
             prepared.clear()  # drop the rows' models, optimizers and engines before the next K
@@ -756,6 +774,27 @@ class _Benchmark:
                     live = [entry for entry in live if entry[0] is not row]
         for row, _ in live:
             row["ms"] = statistics.median(row["times_ms"])
+
+    def against_label(self, mode: str) -> str:
+        return f"{self.against}: {dp_label(mode)}"
+
+    def against_step(self, batch: Any, mode: str, k: int) -> tuple[Callable[[], Any], str]:
+        """The other method's DP step (its module from its own config, same model, B, K, mode and seed)."""
+        cfg = row_config(self.against_config, self.batch_size, self.physical_batch_size, k, mode, self.seed)
+        module = build_module(cfg, self.device)
+        batch = make_batch(self.against_config, self.batch_size, self.device, self.seed)
+        return timed_step(module, batch, part_losses(module, self.device)), ""
+
+    def note_against(self, rows: list[dict[str, Any]], modes: Sequence[str]) -> None:
+        """On the --against row: this method's DP step (same mode) over the other method's."""
+        if self.against is None:
+            return
+        ours = next((r for r in rows if r["what"] == dp_label(modes[0])), None)
+        theirs = next((r for r in rows if r["what"] == self.against_label(modes[0])), None)
+        if ours and theirs and ours.get("ms") and theirs.get("ms"):
+            ratio = ours["ms"] / theirs["ms"]
+            theirs["vs_method"] = ratio
+            theirs["note"] = _join(theirs["note"], f"{self.method} {dp_label(modes[0])} / this: {ratio:.2f}x")
 
     def nonprivate(self, batch: Any, k: int, variant: str | None) -> tuple[Callable[[], Any], str]:
         module = build_module(self.row_config(k, None), self.device, variant)
@@ -958,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=METHODS, default="dpdm",
                    help="method config in conf/method/ whose private step is timed (default: dpdm)")
+    p.add_argument("--against", choices=METHODS, default=None,
+                   help="another method whose DP step (first of --modes) is timed beside this one's, e.g. "
+                        "--method dp_sad --against dpdm: one step of each at the same batch")
     p.add_argument("--model", choices=MODELS, default="dpdm", help="model config in conf/model/ (default: dpdm)")
     p.add_argument("--batch-size", type=int, default=64, help="examples B per step (default: 64)")
     p.add_argument("--physical-batch-size", type=int, default=None,
@@ -1004,6 +1046,7 @@ def main(argv: list[str] | None = None) -> None:
             sample_batch=args.sample_batch, repeats=args.repeats, warmup=args.warmup, device=args.device,
             threads=args.threads, out=args.out, compare=args.compare, variants=variants, seed=args.seed,
             physical_batch_size=args.physical_batch_size, method=args.method, overrides=args.override,
+            against=args.against,
         )
     except BenchSettingsError as err:
         parser.error(str(err))

@@ -258,3 +258,35 @@ def test_compare_reads_results_written_before_methods_were_options():
     assert "differ in: method" in compare_markdown(
         {"against": "old.json", "env": old["env"], "settings": old["settings"], "rows": rows}, old["env"],
         {**settings, "method": "dp_syngen"})
+
+
+def test_against_times_the_other_methods_dp_step_in_the_same_round_robin(monkeypatch, tmp_path, capsys):
+    """`--method dp_sad --against dpdm`: one more row per K, DPDM's own DP step (its module, the first mode),
+    timed in the same rounds; its note gives DP-SAD's DP step over it. A bad --against names the option."""
+    from dp_diffusion import bench as bench_module
+    from dp_diffusion.methods.dpdm import DPDM
+
+    built = []
+    original = bench_module.build_module
+
+    def recording(cfg, device, variant=None):
+        built.append(original(cfg, device, variant))
+        return built[-1]
+
+    monkeypatch.setattr(bench_module, "build_module", recording)
+    settings = {**TINY, "samplers": (), "noise_multiplicities": (1,), "repeats": 2}
+    result = run_benchmark(out=tmp_path / "against", method="dp_sad", against="dpdm", modes=("grouped",),
+                           overrides=["method.parts.discriminator.nf=8"], **settings)
+    rows = {r["what"]: r for r in result["train"]}
+    assert list(rows) == [NONPRIVATE, dp_label("grouped"), "dpdm: DP grouped"]
+    other = rows["dpdm: DP grouped"]
+    assert len(other["times_ms"]) == 2 and other["ms"] > 0
+    assert other["vs_method"] == pytest.approx(rows[dp_label("grouped")]["ms"] / other["ms"])
+    assert f"dp_sad DP grouped / this: {other['vs_method']:.2f}x" in other["note"]
+    dpdm_rows = [m for m in built if type(m) is DPDM]
+    assert len(dpdm_rows) == 1 and dpdm_rows[0].privacy_spec.grad_mode == "grouped"
+    assert dpdm_rows[0].ledger.steps_of(dpdm_rows[0].mechanism_name("model")) >= 3  # warm-up + timed calls
+    assert result["settings"]["against"] == "dpdm"
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--method", "dpdm", "--against", "dpdm"])
+    assert "--against must be another method" in capsys.readouterr().err
