@@ -700,7 +700,7 @@ class _Benchmark:
                                              mode=mode, per_example_numel=numel))
         if self.against is not None:
             mode = modes[0]
-            prepared.append(self.prepare_row(self.against_label(mode), k, lambda: self.against_step(batch, mode, k),
+            prepared.append(self.prepare_row(self.against_label(mode), k, lambda: self.against_step(mode, k),
                                              mode=mode))
         for variant in variants:
             prepared.append(self.prepare_row(f"{NONPRIVATE} + {VARIANTS[variant]}", k,
@@ -778,7 +778,7 @@ class _Benchmark:
     def against_label(self, mode: str) -> str:
         return f"{self.against}: {dp_label(mode)}"
 
-    def against_step(self, batch: Any, mode: str, k: int) -> tuple[Callable[[], Any], str]:
+    def against_step(self, mode: str, k: int) -> tuple[Callable[[], Any], str]:
         """The other method's DP step (its module from its own config, same model, B, K, mode and seed)."""
         cfg = row_config(self.against_config, self.batch_size, self.physical_batch_size, k, mode, self.seed)
         module = build_module(cfg, self.device)

@@ -233,3 +233,17 @@ def test_labeled_public_teacher_learns_the_class_rows_and_is_asked_with_the_stud
     assert leaves.trainers[0].lightning_module.null_labels and not bool(unlabeled.teacher_class_rows)
     prepared = unlabeled.prepare_batch((images, labels))
     assert torch.all(unlabeled._teacher_labels(prepared) == unlabeled.num_classes)
+
+
+def test_a_state_written_before_the_class_rows_flag_loads_with_the_rule_it_ran_by(tmp_path):
+    """A DP-SAD state without `teacher_class_rows` (written before it existed) loads: a public teacher is then
+    asked with the null class, as it was; a state that has the flag keeps it."""
+    module = built(compose_cfg(tmp_path))
+    state = module.state_dict()
+    old = {k: v for k, v in state.items() if k != "teacher_class_rows"}
+    module.teacher_class_rows.fill_(True)
+    module.load_state_dict(old)
+    assert not bool(module.teacher_class_rows)
+    state["teacher_class_rows"] = torch.tensor(True)
+    module.load_state_dict(state)
+    assert bool(module.teacher_class_rows)

@@ -340,13 +340,13 @@ class DPSAD(PrivateDiffusion):
         if not spec.enabled:  # privacy=none: a non-private baseline, the teacher too (the report says so)
             self.teacher_cost.update(epsilon=None, accountant=None, target_epsilon=None)
             announce(f"DP-SAD: teacher trained in this run WITHOUT DP (privacy=none): {trainer.global_step} steps, "
-                  f"{seconds:.1f} s")
+                     f"{seconds:.1f} s")
             return teacher.sampling_denoiser().state_dict()
         epsilon, accountant = teacher.ledger.headline()
         self.teacher_cost.update(epsilon=epsilon, accountant=accountant)
         announce(f"DP-SAD: DP teacher trained in this run: {trainer.global_step} steps, epsilon={epsilon:.3g} "
-              f"(by {accountant.upper()}; its share {s.epsilon_fraction:g} of the target {spec.epsilon:g}), "
-              f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s")
+                 f"(by {accountant.upper()}; its share {s.epsilon_fraction:g} of the target {spec.epsilon:g}), "
+                 f"sigma={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, {seconds:.1f} s")
         try:  # the student's (and discriminator's) sigma, for what the teacher left: refused here in one line
             self.ensure_plan()
         except PrivacyError as err:
@@ -514,6 +514,13 @@ class DPSAD(PrivateDiffusion):
         super().on_save_checkpoint(checkpoint)
         if self.teacher_cost is not None:  # a resumed run reports what its teacher cost without training it again
             checkpoint[TEACHER_COST_KEY] = dict(self.teacher_cost)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As nn.Module's; a state written before `teacher_class_rows` existed gets the rule it ran by (a public
+        teacher asked with the null class, any other with the labels)."""
+        if "teacher_class_rows" not in state_dict:
+            state_dict = {**state_dict, "teacher_class_rows": torch.tensor(self.teacher_settings.source != "public")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -64,7 +64,7 @@ class DPDM(PrivateDiffusion):
         self.denoiser.load_state_dict(weights)
         self.ema.module.load_state_dict(weights)
         announce(f"DPDM: warm start from public {self.public_cfg['name']} pretraining "
-              f"({self.warm_start.steps} steps); DP-SGD trains every parameter from there")
+                 f"({self.warm_start.steps} steps); DP-SGD trains every parameter from there")
 
     def privacy_coverage(self) -> Coverage:
         if not self.public_cfg:
