@@ -6,9 +6,9 @@
 #   EPSILONS=1,10 SEEDS=0,1 bash experiments/frontier_mnist5k.sh
 #   METHODS="dpdm_scratch dpdm_warm" bash experiments/frontier_mnist5k.sh   # a subset
 #   EXTRA="trainer=gpu" bash experiments/frontier_mnist5k.sh                 # overrides for every run
-#   METHODS="dp_sad dp_sad_paper dp_sad_dp_teacher dp_sad_lambda0 dp_sad_lambda0.5 dp_sad_lambda2" EPSILONS=1,10 \
-#     OUT=runs/dp_sad_mnist5k REPORT=experiments/results/mnist5k_dp_sad bash experiments/frontier_mnist5k.sh
-#                                                     # DP-SAD: sound vs paper variant, DP teacher, lambda ablation
+#   METHODS="dp_sad dp_sad_paper dp_sad_dp_teacher dp_sad_warm dp_sad_lambda0 dp_sad_lambda0.5 dp_sad_lambda2" \
+#     EPSILONS=1,10 OUT=runs/dp_sad_mnist5k REPORT=experiments/results/mnist5k_dp_sad bash experiments/frontier_mnist5k.sh
+#                       # DP-SAD: sound vs paper variant, DP teacher, student warm-started, lambda ablation
 #
 # Runs already in the results file (same method config, epsilon and seed) are skipped, so an interrupted
 # frontier continues where it stopped. Each entry is a CPU-sized config of the method (conf/experiment/*_cpu
@@ -35,9 +35,10 @@ overrides_for() {  # the config of one frontier entry
     # DP-SAD's variants and ablations (issue 15; not in the default METHODS):
     dp_sad_paper) echo "experiment=dp_sad_mnist5k_cpu method.module.privacy_model=paper method.module.teacher.source=nonprivate" ;;
     dp_sad_dp_teacher) echo "experiment=dp_sad_mnist5k_cpu method.module.teacher.source=dp" ;;
+    dp_sad_warm)  echo "experiment=dp_sad_mnist5k_cpu method.module.student_init=warm_start" ;;  # student from DPDM's warm start
     dp_sad_lambda*) echo "experiment=dp_sad_mnist5k_cpu method.module.adversarial_weight=${1#dp_sad_lambda}" ;;
     *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad dp_sad_paper" \
-            "dp_sad_dp_teacher dp_sad_lambda<weight>)" >&2; exit 2 ;;
+            "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight>)" >&2; exit 2 ;;
   esac
 }
 

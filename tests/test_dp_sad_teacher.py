@@ -25,7 +25,7 @@ from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.privacy import PrivacyError
 from dp_diffusion.privacy.accounting import calibrate_noise_multiplier, headline_epsilon
 from dp_diffusion.train import StoreConfig
-from test_dp_sad import SAD, built, cheap_trainer, compose_cfg, state
+from test_dp_sad import SAD, TINY, built, cheap_trainer, compose_cfg, state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -247,3 +247,46 @@ def test_a_state_written_before_the_class_rows_flag_loads_with_the_rule_it_ran_b
     state["teacher_class_rows"] = torch.tensor(True)
     module.load_state_dict(state)
     assert bool(module.teacher_class_rows)
+
+
+def test_student_warm_start_is_dpdms_cached_public_pretraining(tmp_path):
+    """student_init=warm_start: the student and its EMA start from the public pretraining DPDM's warm start makes
+    (the same cache entry: a DPDM run with the same public set and model then trains nothing), the teacher is
+    trained as before, and the privacy report lists the warm start among what never saw private data."""
+    warm = ("method.module.student_init=warm_start", "method.module.warm_start.steps=2",
+            "method.module.warm_start.batch_size=16")
+    module, trainers = mnist5k_student(tmp_path, "digits", *warm), Trainers(tmp_path / "a")
+    untrained = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
+    module.fit_public_stages(trainers)
+    assert trainers.names == ["public_teacher", "public_warm_start"]
+    pretrained = trainers.trainers[1].lightning_module.sampling_denoiser().state_dict()
+    student, ema = module.denoiser.state_dict(), module.ema.module.state_dict()
+    assert all(torch.equal(student[k], t) and torch.equal(ema[k], t) for k, t in pretrained.items())
+    assert any(not torch.equal(untrained[k], student[k]) for k in untrained)
+    covers = module.privacy_report()["covers"]
+    assert any("warm start" in line for line in covers["never_saw_private_data"])
+    assert any("from its public warm start" in line for line in covers["trained_with_dp"])
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[
+            "data=mnist5k", "public=digits", "model=tiny", "model.nf=8", "train.steps=2", "train.batch_size=32",
+            "train.physical_batch_size=32", "method=dpdm", f"method.module.cache_dir={tmp_path / 'cache'}",
+            "method.module.warm_start.steps=2", "method.module.warm_start.batch_size=16", f"output_dir={tmp_path}"])
+    dpdm, again = build_method(cfg, dataset_info("mnist5k"), 64), Trainers(tmp_path / "b")
+    dpdm.fit_public_stages(again)
+    assert again.names == []  # DPDM found the student's warm start in the cache
+    assert all(torch.equal(dpdm.denoiser.state_dict()[k], t) for k, t in pretrained.items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("public=dead_leaves", "method.module.student_init=public_digits"), "student_init must be one of"),
+    (("public=none", "method.module.teacher.source=dp", "method.module.student_init=warm_start"),
+     "student_init=warm_start pretrains the student on a public set"),
+])
+def test_a_bad_student_init_is_a_one_line_config_error(tmp_path, overrides, message):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[*(o for o in TINY if not o.startswith("public")), *SAD,
+                                           f"output_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message) as err:
+        built(cfg)
+    assert "\n" not in str(err.value)

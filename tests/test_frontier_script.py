@@ -15,7 +15,7 @@ from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
 ENTRIES = ("dpdm_scratch", "dpdm_warm", "dp_syngen", "dp_ldm", "dp_sad")
-DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_lambda0", "dp_sad_lambda0.5")
+DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
 
 
 def overrides_for(entry: str) -> subprocess.CompletedProcess:
@@ -48,6 +48,7 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
         assert (module.privacy_model, module.teacher.source) == {
             "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
         assert module.adversarial_weight == {"dp_sad_lambda0": 0, "dp_sad_lambda0.5": 0.5}.get(entry, 1.0)
+        assert module.student_init == ("warm_start" if entry == "dp_sad_warm" else "scratch")
 
 
 def test_an_unknown_entry_is_refused():

@@ -63,6 +63,7 @@ from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage, trains_class_rows
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
+from dp_diffusion.methods.warm_start import WarmStartSettings, warm_start_weights
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
 from dp_diffusion.privacy.output_sanitiser import (PAPER_ACCOUNTING_NOTE, PAPER_TIME_DILUTION_NOTE, OutputSanitiser,
@@ -73,6 +74,7 @@ from dp_diffusion.report.records import EPSILON_IS_GUARANTEE
 log = logging.getLogger(__name__)
 PRIVACY_MODELS = ("sound", "paper")
 TEACHER_SOURCES = ("dp", "public", "nonprivate")
+STUDENT_INITS = ("scratch", "warm_start")  # the student from random weights (as published) or a public warm start
 TEACHER_MECHANISM = "teacher"  # the ledger's name of a DP teacher's recorded history
 PAPER_MECHANISM = "dp_sad_output_sanitiser"  # the ledger's name of the paper variant's (non-guarantee) steps
 PUBLIC_TEACHER_FILE = "public_teacher.pt"  # the public teacher's EMA denoiser, under cache_dir/<key>/
@@ -129,6 +131,8 @@ class DPSAD(PrivateDiffusion):
         num_timesteps: int = 500,
         paper_noise_scaling: bool = True,
         teacher: Mapping[str, Any] | None = None,
+        student_init: str = "scratch",
+        warm_start: Mapping[str, Any] | None = None,
         public: Mapping[str, Any] | None = None,
         data_name: str = "",
         discriminator_lr: float = 3e-4,
@@ -136,7 +140,9 @@ class DPSAD(PrivateDiffusion):
         **settings: Any,
     ) -> None:
         """`settings`: the run's settings, as `PrivateDiffusion` takes them (privacy, batch sizes, steps, ...);
-        `cache_dir`: where a public teacher is cached (None: trained every run)."""
+        `student_init`: `scratch` (as published) or `warm_start` (the student first pretrained on the public set
+        with `warm_start`'s settings, as DPDM's warm start: no privacy cost);
+        `cache_dir`: where a public teacher and warm start are cached (None: trained every run)."""
         if privacy_model not in PRIVACY_MODELS:
             raise ConfigError(f"method.module.privacy_model must be one of {PRIVACY_MODELS}, got {privacy_model!r}")
         if not (isinstance(adversarial_weight, (int, float)) and adversarial_weight >= 0):
@@ -152,6 +158,15 @@ class DPSAD(PrivateDiffusion):
         if teacher_settings.source == "public" and self.public_cfg.get("name") in (None, "none"):
             raise ConfigError("method.module.teacher.source=public pretrains the teacher on a public set: choose one, "
                               "e.g. public=dead_leaves (offline) or public=emnist")
+        if student_init not in STUDENT_INITS:
+            raise ConfigError(f"method.module.student_init must be one of {STUDENT_INITS}, got {student_init!r}")
+        if student_init == "warm_start" and self.public_cfg.get("name") in (None, "none"):
+            raise ConfigError("method.module.student_init=warm_start pretrains the student on a public set: choose "
+                              "one, e.g. public=digits or public=dead_leaves (offline)")
+        self.student_init = student_init
+        self.warm_start = WarmStartSettings.from_config(warm_start)
+        # The untrained student the warm start pretrains (a list: outside the module tree); only with a warm start.
+        self._initial_student = [copy.deepcopy(student)] if student_init == "warm_start" else []
         super().__init__(student, loss, **settings)
         self._initial_teacher = [copy.deepcopy(teacher_backbone)]  # a list: outside the module tree
         self.teacher = loss.precondition(teacher_backbone).requires_grad_(False).eval()
@@ -219,6 +234,21 @@ class DPSAD(PrivateDiffusion):
                 self.teacher.load_state_dict(self._trained_teacher(make_trainer))
         self.teacher.requires_grad_(False).eval()
         self.teacher_trained.fill_(True)
+        if self.student_init == "warm_start":
+            self._warm_start_student(make_trainer)
+
+    def _warm_start_student(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
+        """The student (and its EMA) from its pretraining on the public set: DPDM's warm start, the same cache."""
+        info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
+        weights = warm_start_weights(
+            initial_backbone=self._initial_student[0], loss=self.loss, public_cfg=self.public_cfg,
+            settings=self.warm_start, private_info=info, make_trainer=make_trainer,
+            physical_batch_size=self.physical_batch_size, cache_dir=self.cache_dir,
+            grad_mode=self.privacy_spec.grad_mode, num_workers=self.num_workers)
+        self.denoiser.load_state_dict(weights)
+        self.ema.module.load_state_dict(weights)
+        announce(f"DP-SAD: the student starts from its public {self.public_cfg['name']} warm start "
+                 f"({self.warm_start.steps} steps)")
 
     def _trained_teacher(self, make_trainer: Callable[[int, str], L.Trainer]) -> dict[str, Tensor]:
         """The EMA weights of a teacher trained in this run: with DP (dp), without (nonprivate), or on the public
@@ -563,6 +593,8 @@ class DPSAD(PrivateDiffusion):
             "public": f"teacher (pretrained on public {public_name}; frozen)",
             "nonprivate": "teacher (trained on the private set WITHOUT DP)",
         }[source]
+        warm = ([f"the student's warm start: pretrained on public {public_name} only"]
+                if self.student_init == "warm_start" else [])
         if self.privacy_model == "paper":
             without = [teacher] if source == "nonprivate" else []
             if self.adversarial:
@@ -574,10 +606,10 @@ class DPSAD(PrivateDiffusion):
                                  "output clipped and noised (not DP-SGD on its parameters; not a guarantee)",
                                  *([teacher] if source == "dp" else [])],
                 saw_private_data_without_dp=without,
-                never_saw_private_data=[teacher] if source == "public" else [],
+                never_saw_private_data=[*([teacher] if source == "public" else []), *warm],
                 notes=[f"DP-SAD privacy_model=paper, teacher.source={source}"],
             )
-        trained = ["student (DP-SGD on all its parameters)"]
+        trained = ["student (DP-SGD on all its parameters" + (", from its public warm start)" if warm else ")")]
         if self.adversarial:
             trained.append("discriminator (DP-SGD on all its parameters; its input depends on private data)")
         if source == "dp":
@@ -586,4 +618,4 @@ class DPSAD(PrivateDiffusion):
         if not self.adversarial:
             notes.append("adversarial_weight=0: no discriminator was trained or used")
         return Coverage(released=released, trained_with_dp=trained,
-                        never_saw_private_data=[teacher] if source == "public" else [], notes=notes)
+                        never_saw_private_data=[*([teacher] if source == "public" else []), *warm], notes=notes)
