@@ -63,7 +63,7 @@ from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.dpdm import DPDM
 from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage, trains_class_rows
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
-from dp_diffusion.methods.warm_start import WarmStartSettings, warm_start_weights
+from dp_diffusion.methods.warm_start import WarmStartSettings, load_warm_start
 from dp_diffusion.privacy import Coverage, PrivacyError, PrivacyLedger, PrivacySpec, check_no_batch_mixing
 from dp_diffusion.privacy.callback import CHECKPOINT_KEY
 from dp_diffusion.privacy.output_sanitiser import (PAPER_ACCOUNTING_NOTE, PAPER_TIME_DILUTION_NOTE, OutputSanitiser,
@@ -239,14 +239,9 @@ class DPSAD(PrivateDiffusion):
 
     def _warm_start_student(self, make_trainer: Callable[[int, str], L.Trainer]) -> None:
         """The student (and its EMA) from its pretraining on the public set: DPDM's warm start, the same cache."""
-        info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
-        weights = warm_start_weights(
-            initial_backbone=self._initial_student[0], loss=self.loss, public_cfg=self.public_cfg,
-            settings=self.warm_start, private_info=info, make_trainer=make_trainer,
-            physical_batch_size=self.physical_batch_size, cache_dir=self.cache_dir,
-            grad_mode=self.privacy_spec.grad_mode, num_workers=self.num_workers)
-        self.denoiser.load_state_dict(weights)
-        self.ema.module.load_state_dict(weights)
+        load_warm_start(self, initial_backbone=self._initial_student[0], public_cfg=self.public_cfg,
+                        settings=self.warm_start, data_name=self.data_name, make_trainer=make_trainer,
+                        cache_dir=self.cache_dir)
         announce(f"DP-SAD: the student starts from its public {self.public_cfg['name']} warm start "
                  f"({self.warm_start.steps} steps)")
 

@@ -18,10 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dp_diffusion.console import announce
-from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
 from dp_diffusion.methods.diffusion_module import PrivateDiffusion
-from dp_diffusion.methods.warm_start import WarmStartSettings, warm_start_weights
+from dp_diffusion.methods.warm_start import WarmStartSettings, load_warm_start
 from dp_diffusion.privacy import Coverage
 
 
@@ -55,14 +54,9 @@ class DPDM(PrivateDiffusion):
         """With a public set: pretrain the denoiser on it (or load the cached pretraining) and start from it."""
         if not self.public_cfg:
             return
-        info = DatasetInfo(self.data_name, 0, 0, tuple(self.image_shape), self.num_classes)
-        weights = warm_start_weights(
-            initial_backbone=self._initial_backbone[0], loss=self.loss, public_cfg=self.public_cfg,
-            settings=self.warm_start, private_info=info, make_trainer=make_trainer,
-            physical_batch_size=self.physical_batch_size, cache_dir=self.cache_dir,
-            grad_mode=self.privacy_spec.grad_mode, num_workers=self.num_workers)
-        self.denoiser.load_state_dict(weights)
-        self.ema.module.load_state_dict(weights)
+        load_warm_start(self, initial_backbone=self._initial_backbone[0], public_cfg=self.public_cfg,
+                        settings=self.warm_start, data_name=self.data_name, make_trainer=make_trainer,
+                        cache_dir=self.cache_dir)
         announce(f"DPDM: warm start from public {self.public_cfg['name']} pretraining "
                  f"({self.warm_start.steps} steps); DP-SGD trains every parameter from there")
 

@@ -33,7 +33,7 @@ from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffus
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import PrivacySpec
 
-__all__ = ["WarmStartSettings", "warm_start_weights"]
+__all__ = ["WarmStartSettings", "load_warm_start", "warm_start_weights"]
 
 log = logging.getLogger(__name__)
 WARM_START_FILE = "warm_start.pt"
@@ -101,3 +101,24 @@ def warm_start_weights(
     # so a run that finds the weights cached trains exactly as the one that made them.
     with torch.random.fork_rng(devices=[]):
         return cached_stage(path, f"warm start (public {public_cfg.get('name')})", pretrain)
+
+
+def load_warm_start(
+    module: Any,
+    *,
+    initial_backbone: nn.Module,
+    public_cfg: Mapping[str, Any],
+    settings: WarmStartSettings,
+    data_name: str,
+    make_trainer: Callable[[int, str], L.Trainer],
+    cache_dir: str | None,
+) -> None:
+    """Load `warm_start_weights` into a `PrivateDiffusion` module's denoiser and its EMA (DPDM's denoiser,
+    DP-SAD's student), pretraining them first unless cached."""
+    info = DatasetInfo(data_name, 0, 0, tuple(module.image_shape), module.num_classes)
+    weights = warm_start_weights(
+        initial_backbone=initial_backbone, loss=module.loss, public_cfg=public_cfg, settings=settings,
+        private_info=info, make_trainer=make_trainer, physical_batch_size=module.physical_batch_size,
+        cache_dir=cache_dir, grad_mode=module.privacy_spec.grad_mode, num_workers=module.num_workers)
+    module.denoiser.load_state_dict(weights)
+    module.ema.module.load_state_dict(weights)
