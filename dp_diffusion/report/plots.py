@@ -41,16 +41,19 @@ def frontier_series(groups: Sequence[Group], column: str) -> tuple[Series, dict[
 def frontier_figure(panels: Mapping[str, tuple[Series, dict[str, Point]]], ylabel: str, title: str) -> Figure:
     """One panel per metric column: a line with error bars per method against epsilon (log scale), the
     non-private runs as dashed horizontal lines."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    # The legend goes under the axes (many settings would cover the lines), the figure as tall as it needs.
+    legend_lines = max((sum(textwrap.fill(label, 60).count("\n") + 1.3 for label in [*lines, *baselines])
+                        for lines, baselines in panels.values()), default=0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2 + 0.13 * legend_lines), squeeze=False)
     for ax, (name, (lines, baselines)) in zip(axes[0], panels.items()):
         colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
         for label, points in lines.items():
             eps, mean, std = zip(*points)
-            ax.errorbar(eps, mean, yerr=std, label=textwrap.fill(label, 40), marker="o", capsize=3, color=next(colours),
+            ax.errorbar(eps, mean, yerr=std, label=textwrap.fill(label, 60), marker="o", capsize=3, color=next(colours),
                         linestyle=":" if label.endswith("†") else "-")
         for label, (_, mean, std) in baselines.items():
             colour = next(colours)
-            ax.axhline(mean, linestyle="--", color=colour, label=textwrap.fill(label, 40))
+            ax.axhline(mean, linestyle="--", color=colour, label=textwrap.fill(label, 60))
             if std > 0:
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
         ax.set_xscale("log")
@@ -58,9 +61,15 @@ def frontier_figure(panels: Mapping[str, tuple[Series, dict[str, Point]]], ylabe
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    return titled(fig, title)
+
+
+def titled(fig: Figure, title: str) -> Figure:
+    """`fig` laid out under `title`, in a band of its own above the axes' titles."""
+    title = textwrap.fill(title, 70)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.2 * title.count("\n")) / fig.get_figheight()))
     return fig
 
 
@@ -110,6 +119,4 @@ def mosaic_figure(groups: Sequence[Group], title: str) -> Figure | None:
                 ax.set_title("no DP" if eps is None else f"epsilon = {eps:g}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(textwrap.fill(row, 28), fontsize=7)
-    fig.suptitle(textwrap.fill(title, 70), fontsize=10)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
