@@ -29,6 +29,7 @@ from dp_diffusion.config import Rule, Settings
 from dp_diffusion.data.public import load_public, public_cache_key
 from dp_diffusion.data.registry import DatasetInfo
 from dp_diffusion.diffusion.losses import DiffusionLoss
+from dp_diffusion.methods.diffusion_module import PrivateDiffusion
 from dp_diffusion.methods.public_stage import STAGE_TRAINING_RULES, PublicDiffusionStage, trains_class_rows
 from dp_diffusion.methods.stage_cache import architecture_signature, cached_stage, loss_signature
 from dp_diffusion.privacy import PrivacySpec
@@ -104,7 +105,7 @@ def warm_start_weights(
 
 
 def load_warm_start(
-    module: Any,
+    module: PrivateDiffusion,
     *,
     initial_backbone: nn.Module,
     public_cfg: Mapping[str, Any],
