@@ -9,6 +9,8 @@
 #   METHODS="dp_sad dp_sad_paper dp_sad_dp_teacher dp_sad_warm dp_sad_lambda0 dp_sad_lambda0.5 dp_sad_lambda2" \
 #     EPSILONS=1,10 OUT=runs/dp_sad_mnist5k REPORT=experiments/results/mnist5k_dp_sad bash experiments/frontier_mnist5k.sh
 #                       # DP-SAD: sound vs paper variant, DP teacher, student warm-started, lambda ablation
+#   METHODS="dp_ldm_all dp_ldm_lora dp_ldm_condition_dead_leaves dp_ldm_all_dead_leaves dp_ldm_lora_dead_leaves" \
+#     EPSILONS=1,10 bash experiments/frontier_mnist5k.sh   # DP-LDM: fine-tuned part x public set (issue 14)
 #
 # Runs already in the results file (same method config, epsilon and seed) are skipped, so an interrupted
 # frontier continues where it stopped. Each entry is a CPU-sized config of the method (conf/experiment/*_cpu
@@ -25,6 +27,20 @@ EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
 RESULTS="$OUT/results.jsonl"
 mkdir -p "$OUT"
 
+dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnist5k_cpu
+  local finetune=${1%%_*} public=digits
+  [ "$finetune" != "$1" ] && public=${1#*_}
+  case "$finetune" in condition|attention|all|lora) ;; *) echo "unknown DP-LDM fine-tuned part: $finetune" >&2; exit 2 ;; esac
+  case "$public" in
+    digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune" ;;
+    # 20,000 images: the latent stage encodes the whole public set (100,000 take ~4 minutes here)
+    dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
+    ae_dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune" \
+                         "method.module.autoencoder_public={name:dead_leaves,size:100000,seed:0,family_kwargs:{}}" ;;
+    *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves)" >&2; exit 2 ;;
+  esac
+}
+
 overrides_for() {  # the config of one frontier entry
   case "$1" in
     dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
@@ -37,8 +53,12 @@ overrides_for() {  # the config of one frontier entry
     dp_sad_dp_teacher) echo "experiment=dp_sad_mnist5k_cpu method.module.teacher.source=dp" ;;
     dp_sad_warm)  echo "experiment=dp_sad_mnist5k_cpu method.module.student_init=warm_start" ;;  # student from DPDM's warm start
     dp_sad_lambda*) echo "experiment=dp_sad_mnist5k_cpu method.module.adversarial_weight=${1#dp_sad_lambda}" ;;
+    # DP-LDM's fine-tuned part and public set (issue 14): dp_ldm_<finetune>[_<public>], finetune = condition |
+    # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
+    # leaves, the latent model on digits); e.g. dp_ldm_lora_dead_leaves
+    dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
     *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad dp_sad_paper" \
-            "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight>)" >&2; exit 2 ;;
+            "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }
 
@@ -60,8 +80,9 @@ for entry in $METHODS; do
     for seed in ${SEEDS//,/ }; do
       if done_already "$entry" "$eps" "$seed"; then echo "frontier: $entry epsilon=$eps seed=$seed already done"; continue; fi
       echo "frontier: $entry epsilon=$eps seed=$seed"
-      # shellcheck disable=SC2046
-      $DP train $(overrides_for "$entry") privacy.epsilon="$eps" seed="$seed" "+frontier=$entry" $EXTRA \
+      overrides=$(overrides_for "$entry")   # an assignment, so an unknown entry stops the script (set -e)
+      # shellcheck disable=SC2086
+      $DP train $overrides privacy.epsilon="$eps" seed="$seed" "+frontier=$entry" $EXTRA \
         results_file="$RESULTS" hydra.run.dir="$OUT/$entry/eps$eps-seed$seed" overwrite=true
     done
   done

@@ -16,11 +16,13 @@ from dp_diffusion.run_config import validate_config
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
 ENTRIES = ("dpdm_scratch", "dpdm_warm", "dp_syngen", "dp_ldm", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
+DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "dp_ldm_condition_ae_dead_leaves")
 
 
 def overrides_for(entry: str) -> subprocess.CompletedProcess:
     """The script's own `overrides_for` function, run by bash."""
-    program = f'source <(sed -n "/^overrides_for()/,/^}}/p" "{SCRIPT}"); overrides_for {entry}'
+    functions = "/^dp_ldm_entry()/,/^}/p;/^overrides_for()/,/^}/p"
+    program = f'source <(sed -n "{functions}" "{SCRIPT}"); overrides_for {entry}'
     return subprocess.run(["bash", "-c", program], capture_output=True, text=True)
 
 
@@ -30,7 +32,7 @@ def test_default_entries_are_the_known_ones():
     assert "privacy.epsilon=\"$eps\"" in text and "dp-diffusion}" in text and '$DP report "$RESULTS"' in text
 
 
-@pytest.mark.parametrize("entry", ENTRIES + DP_SAD_ENTRIES)
+@pytest.mark.parametrize("entry", ENTRIES + DP_SAD_ENTRIES + DP_LDM_ENTRIES)
 def test_each_entry_composes_and_validates_on_mnist5k(entry):
     result = overrides_for(entry)
     assert result.returncode == 0, result.stderr
@@ -41,9 +43,13 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
     validate_config(cfg)
     assert cfg.data.name == "mnist5k"
     expected_method = {"dpdm_scratch": "dpdm", "dpdm_warm": "dpdm"}.get(entry, entry)
-    assert cfg.method.name == ("dp_sad" if entry.startswith("dp_sad") else expected_method)
-    assert cfg.public.name == ("none" if entry == "dpdm_scratch" else "digits")
+    assert cfg.method.name == (entry[:6] if entry.startswith(("dp_sad", "dp_ldm")) else expected_method)
+    assert cfg.public.name == {"dpdm_scratch": "none", "dp_ldm_attention_dead_leaves": "dead_leaves"}.get(entry, "digits")
     module = cfg.method.module
+    if entry.startswith("dp_ldm_"):
+        assert module.finetune == entry.split("_")[2]
+        autoencoder_public = module.autoencoder_public and module.autoencoder_public.name
+        assert autoencoder_public == ("dead_leaves" if entry.endswith("_ae_dead_leaves") else None)
     if entry.startswith("dp_sad"):
         assert (module.privacy_model, module.teacher.source) == {
             "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
@@ -54,3 +60,13 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
 def test_an_unknown_entry_is_refused():
     result = overrides_for("dpdm_typo")
     assert result.returncode != 0 and "unknown frontier entry dpdm_typo" in result.stderr
+    result = overrides_for("dp_ldm_everything")
+    assert result.returncode != 0 and "unknown DP-LDM fine-tuned part: everything" in result.stderr
+    result = overrides_for("dp_ldm_lora_emnist")
+    assert result.returncode != 0 and "unknown DP-LDM public set: emnist" in result.stderr
+
+
+def test_an_unknown_entry_stops_the_script_before_any_run(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env={
+        "PATH": "/usr/bin:/bin", "DP": "echo ran:", "METHODS": "dpdm_typo", "EPSILONS": "1", "OUT": str(tmp_path)})
+    assert result.returncode != 0 and "ran:" not in result.stdout
