@@ -4,6 +4,7 @@ config errors are one line."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import lightning as L
@@ -18,9 +19,15 @@ from dp_diffusion.data.registry import dataset_info
 from dp_diffusion.data import build_datamodule
 from dp_diffusion.methods.dp_ldm import DPLDM
 from dp_diffusion.sample import load_trained
+from dp_diffusion.sampling import load_samples, to_uint8
 from dp_diffusion.train import StoreConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+_FLOOR = importlib.util.spec_from_file_location(
+    "autoencoder_floor", Path(__file__).parents[1] / "experiments" / "autoencoder_floor.py")
+autoencoder_floor = importlib.util.module_from_spec(_FLOOR)
+_FLOOR.loader.exec_module(autoencoder_floor)
 
 TINY = [
     "method=dp_ldm", "data=digits",
@@ -139,6 +146,15 @@ def test_private_fit_changes_only_the_finetuned_part_then_reloads_and_generates(
     b, _ = reloaded.generate(4, sample_cfg, seed=1, disable_progress=True)
     assert a.shape == (4, 1, 8, 8) and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1 and labels.tolist() == [0, 1, 2, 3]
+
+    # experiments/autoencoder_floor.py: the real images through the checkpoint's public autoencoder
+    written = autoencoder_floor.main([str(ckpt), "--out", str(tmp_path / "floor"), "--num", "16"])
+    floor_images, floor_labels = load_samples(written["npz"])
+    real_images, real_labels = datamodule.train_tensors()
+    assert floor_images.shape == (16, 1, 8, 8) and torch.equal(floor_labels, real_labels[:16])
+    expected = torch.from_numpy(to_uint8(reloaded.reconstruct(real_images[:16]))).permute(0, 3, 1, 2)
+    assert torch.equal(((floor_images + 1) * 127.5).round().to(torch.uint8), expected)
+    assert not torch.equal(floor_images, real_images[:16])  # a lossy autoencoder, not the images themselves
 
 
 class FailsOnAccess(torch.utils.data.Dataset):

@@ -363,6 +363,13 @@ class DPLDM(PrivateDiffusion):
         """Scaled latents of `images` by the frozen public encoder (posterior mean): a per-example map."""
         return self.autoencoder.encode(images).mean * self.latent_scale
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """`images` through the public autoencoder (encoder mean, then decoder), clamped to [-1, 1]: the
+        best a perfect latent model could give with this autoencoder."""
+        return torch.cat([self.autoencoder.decode(self.encode(chunk) / self.latent_scale)
+                          for chunk in images.split(ENCODE_BATCH)]).clamp(-1.0, 1.0)
+
     def prepare_batch(self, batch: Any) -> Any:
         images, labels = batch
         return super().prepare_batch((self.encode(images), labels))
