@@ -35,8 +35,7 @@ dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnis
     digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune" ;;
     # 20,000 images: the latent stage encodes the whole public set (100,000 take ~4 minutes here)
     dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
-    ae_dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune" \
-                         "method.module.autoencoder_public={name:dead_leaves,size:100000,seed:0,family_kwargs:{}}" ;;
+    ae_dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune method.module.autoencoder_public={name:dead_leaves}" ;;
     *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves)" >&2; exit 2 ;;
   esac
 }

@@ -364,11 +364,16 @@ class DPLDM(PrivateDiffusion):
         return self.autoencoder.encode(images).mean * self.latent_scale
 
     @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents decoded by the public decoder into images clamped to [-1, 1]."""
+        return torch.cat([self.autoencoder.decode(chunk / self.latent_scale)
+                          for chunk in latents.split(ENCODE_BATCH)]).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
-        """`images` through the public autoencoder (encoder mean, then decoder), clamped to [-1, 1]: the
-        best a perfect latent model could give with this autoencoder."""
-        return torch.cat([self.autoencoder.decode(self.encode(chunk) / self.latent_scale)
-                          for chunk in images.split(ENCODE_BATCH)]).clamp(-1.0, 1.0)
+        """`images` through the public autoencoder (encoder mean, then decoder): the best a perfect latent
+        model could give with this autoencoder."""
+        return self.decode_latents(torch.cat([self.encode(chunk) for chunk in images.split(ENCODE_BATCH)]))
 
     def prepare_batch(self, batch: Any) -> Any:
         images, labels = batch
@@ -383,9 +388,7 @@ class DPLDM(PrivateDiffusion):
         latents, labels = draw_samples(self.sampling_denoiser(), num_samples, self.latent_shape, self.num_classes,
                                        sample_cfg, seed=seed, disable_progress=disable_progress,
                                        sigma_range=self.sampling_sigma_range(), device=where)
-        images = torch.cat([self.autoencoder.decode(chunk / self.latent_scale)
-                            for chunk in latents.split(ENCODE_BATCH)])
-        return images.clamp(-1.0, 1.0), labels
+        return self.decode_latents(latents), labels
 
     # ---- what the guarantee covers -------------------------------------------------------------
     def privacy_coverage(self) -> Coverage:
