@@ -51,7 +51,8 @@ def one_line_config_error(excinfo: pytest.ExceptionInfo) -> str:
 
 
 def test_group_has_the_public_sets() -> None:
-    expected = {"auto", "none", "emnist", "svhn", "cifar10", "imagenet32", "imagenet64", "dead_leaves", "digits"}
+    expected = {"auto", "none", "emnist", "svhn", "cifar10", "imagenet32", "imagenet64", "dead_leaves", "digits",
+                "font_digits"}
     assert set(PUBLIC_GROUP) == expected
 
 

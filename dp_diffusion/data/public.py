@@ -8,6 +8,8 @@ The config group ``conf/public/`` picks one by ``public.name``:
   the official npz batches ``train_data_batch_<k>.npz`` / ``val_data.npz`` under ``root/folder``;
 * a programmatic family of :mod:`dp_diffusion.data.synthetic` (``dead_leaves``), rendered directly
   at the private shape;
+* ``font_digits`` (:mod:`dp_diffusion.data.font_digits`): digits 0-9 drawn from a font with random
+  jitter, labelled, rendered directly at the private shape;
 * ``none``: no public set.
 
 What :func:`load_public` returns, and by which rules:
@@ -44,6 +46,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from dp_diffusion.data import DatasetInfo, DatasetNotFoundError, available_datasets, build_datamodule
 from dp_diffusion.data.datasets import InMemoryImages
+from dp_diffusion.data.font_digits import FontDigits
 from dp_diffusion.data.synthetic import SYNTHETIC_FAMILIES, SyntheticImages
 
 NO_PUBLIC = "none"
@@ -51,6 +54,8 @@ IMAGENET_SIZES = {"imagenet32": 32, "imagenet64": 64}
 IMAGENET_CLASSES = 1000
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B
 SPLITS = ("train", "test", "all")
+# Labelled public sets made by code, by name (rendered at the private shape; no download, no private data).
+RENDERED_SETS = {"font_digits": FontDigits}
 
 # Where each data set's images come from. A public set whose origin is the private set's origin
 # is refused: it shares images with the private data (same set, a subset, or the same images at
@@ -81,6 +86,7 @@ _KEYS: dict[str, dict[str, Any]] = {
     "registry": {"root": "data", "download": False, **_IMAGE_KEYS},
     "imagenet": {"root": "data", "folder": None, **_IMAGE_KEYS},
     "synthetic": {"size": 100_000, "seed": 0, "family_kwargs": {}},
+    "rendered": {"size": 20_000, "seed": 0, "labels": True, "family_kwargs": {}},
     "none": {},
 }
 # Where the files are, not what they hold: left out of the cache key (public.root follows data.root).
@@ -103,7 +109,7 @@ def _config_error(message: str) -> Exception:
 
 def public_names() -> list[str]:
     """Every accepted ``public.name``."""
-    return [NO_PUBLIC, *available_datasets(), *IMAGENET_SIZES, *SYNTHETIC_FAMILIES]
+    return [NO_PUBLIC, *available_datasets(), *IMAGENET_SIZES, *SYNTHETIC_FAMILIES, *RENDERED_SETS]
 
 
 def _kind(name: Any) -> str:
@@ -113,6 +119,8 @@ def _kind(name: Any) -> str:
         return "imagenet"
     if name in SYNTHETIC_FAMILIES:
         return "synthetic"
+    if name in RENDERED_SETS:
+        return "rendered"
     if name in available_datasets():
         return "registry"
     raise _config_error(f"public.name must be one of {public_names()}, got {name!r}")
@@ -348,6 +356,12 @@ def load_public(public_cfg: Mapping[str, Any] | DictConfig, private_info: Datase
     if kind == "synthetic":
         base = SyntheticImages(name, spec["size"], shape, spec["seed"], **spec["family_kwargs"])
         return PublicImages(base, name, shape, num_classes=0)
+    if kind == "rendered":
+        try:
+            rendered = RENDERED_SETS[name](spec["size"], shape, spec["seed"], **spec["family_kwargs"])
+        except TypeError as err:  # an unknown option
+            raise _config_error(f"public.family_kwargs for {name}: {err}") from None
+        return PublicImages(rendered, name, shape, rendered.num_classes if spec["labels"] else 0)
     base, num_classes = _load_imagenet(spec) if kind == "imagenet" else _load_registry(spec)
     return PublicImages(base, name, shape, num_classes if spec["labels"] else 0, spec["margin"])
 
