@@ -35,8 +35,9 @@ dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnis
     digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune" ;;
     # 20,000 images: the latent stage encodes the whole public set (100,000 take ~4 minutes here)
     dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
+    font_digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=font_digits" ;;
     ae_dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune method.module.autoencoder_public={name:dead_leaves}" ;;
-    *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves)" >&2; exit 2 ;;
+    *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves, font_digits)" >&2; exit 2 ;;
   esac
 }
 
@@ -44,6 +45,7 @@ overrides_for() {  # the config of one frontier entry
   case "$1" in
     dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
     dpdm_warm)    echo "" ;;                                   # the main job: DPDM warm-started on public digits
+    dpdm_warm_font) echo "public=font_digits" ;;               # warm-started on digits drawn from a font instead
     dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
     dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu" ;;
     dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;              # sound; public teacher on digits
@@ -54,9 +56,9 @@ overrides_for() {  # the config of one frontier entry
     dp_sad_lambda*) echo "experiment=dp_sad_mnist5k_cpu method.module.adversarial_weight=${1#dp_sad_lambda}" ;;
     # DP-LDM's fine-tuned part and public set (issue 14): dp_ldm_<finetune>[_<public>], finetune = condition |
     # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
-    # leaves, the latent model on digits); e.g. dp_ldm_lora_dead_leaves
+    # leaves, the latent model on digits) | font_digits; e.g. dp_ldm_lora_dead_leaves
     dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
-    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad dp_sad_paper" \
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dp_syngen dp_ldm dp_sad dp_sad_paper" \
             "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }
