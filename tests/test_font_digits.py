@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import matplotlib
@@ -76,6 +77,12 @@ def test_jitter_options_change_the_images() -> None:
     thick = FontDigits(size=10, seed=0, stroke=(0.1, 0.1), rotation=0, shear=0, squeeze=(1, 1), elastic=0)
     ink = lambda d: float((torch.stack([d[i][0] for i in range(10)]) > INK).float().mean())  # noqa: E731
     assert ink(thick) > 1.3 * ink(plain)
+
+
+def test_pickles_after_use_for_spawned_workers() -> None:
+    data = FontDigits(size=5)
+    image = data[1][0]  # loads the bundled font, which does not unpickle itself
+    assert torch.equal(pickle.loads(pickle.dumps(data))[1][0], image)
 
 
 def test_a_font_file_is_used() -> None:

@@ -83,6 +83,11 @@ class FontDigits(Dataset):
         self.canvas = SUPERSAMPLE * max(self.image_shape[1:])
         self._font_cache: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
 
+    def __getstate__(self) -> dict:
+        # Loaded fonts stay behind: Pillow's bundled font, read from bytes, does not unpickle (DataLoader
+        # workers started by spawn receive the data set pickled); each process loads its own.
+        return {**self.__dict__, "_font_cache": {}}
+
     def __len__(self) -> int:
         return self.size
 
