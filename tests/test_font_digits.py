@@ -29,6 +29,8 @@ def test_image_depends_only_on_seed_and_index() -> None:
     data[4], data[29]  # other draws in between: no state carries over
     again, _ = data[17]
     assert torch.equal(first, again) and label == 7
+    again[0, 0, 0] = 5.0  # a returned image is the caller's: changing it leaves the kept drawing as it was
+    assert torch.equal(data[17][0], first)
     assert torch.equal(FontDigits(size=30, seed=3)[17][0], first)
     assert not torch.equal(FontDigits(size=30, seed=4)[17][0], first)
     assert not torch.equal(data[27][0], first)  # the same digit, another draw of the jitter

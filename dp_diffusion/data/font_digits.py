@@ -11,6 +11,8 @@ Why by hand: no library we use renders labelled digit images; Pillow draws the g
 
 Image ``i`` has label ``i % 10`` (balanced classes) and comes from ``numpy.random.default_rng((seed, i))``,
 so it depends only on (seed, i, the options, the image shape): the same in every DataLoader worker and epoch.
+A drawn image is kept (one grey plane per image: 63 MB for 20,000 at 28x28), so later epochs do not draw
+again (about 1.7 ms an image on one CPU thread).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FontDigits(Dataset):
         self.squeeze = (float(squeeze[0]), float(squeeze[1]))
         self.canvas = SUPERSAMPLE * max(self.image_shape[1:])
         self._font_cache: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
+        self._drawn: dict[int, torch.Tensor] = {}  # index -> grey (H, W) in [-1, 1]
 
     def __getstate__(self) -> dict:
         # Loaded fonts stay behind: Pillow's bundled font, read from bytes, does not unpickle (DataLoader
@@ -97,10 +100,11 @@ class FontDigits(Dataset):
             index += self.size
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} font digits")
-        rng = np.random.default_rng((self.seed, index))
         label = index % NUM_CLASSES
-        glyph = self._warp(self._draw(label, rng), rng)
-        return self._frame(glyph), label
+        if index not in self._drawn:
+            rng = np.random.default_rng((self.seed, index))
+            self._drawn[index] = self._frame(self._warp(self._draw(label, rng), rng))
+        return self._drawn[index].expand(self.image_shape).clone(), label
 
     def _font(self, which: int, pixels: int) -> ImageFont.FreeTypeFont:
         key = (which, pixels)
@@ -148,7 +152,7 @@ class FontDigits(Dataset):
 
     def _frame(self, glyph: torch.Tensor) -> torch.Tensor:
         """MNIST's framing: crop to the ink, fit the box keeping the aspect ratio, centre of mass to the centre."""
-        channels, height, width = self.image_shape
+        _, height, width = self.image_shape
         rows, cols = torch.nonzero(glyph > INK, as_tuple=True)
         if len(rows):
             glyph = glyph[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -164,4 +168,4 @@ class FontDigits(Dataset):
         left = min(max(round(width / 2 - centre_x), 0), width - new_w)
         image = torch.zeros(height, width)
         image[top : top + new_h, left : left + new_w] = glyph
-        return (image * 2 - 1).expand(channels, height, width).contiguous()
+        return image * 2 - 1
