@@ -4,7 +4,7 @@
 #
 #   bash experiments/frontier_mnist5k.sh                       # epsilon 0.2, 1, 10; seed 0
 #   EPSILONS=1,10 SEEDS=0,1 bash experiments/frontier_mnist5k.sh
-#   METHODS="dpdm_scratch dpdm_warm" bash experiments/frontier_mnist5k.sh   # a subset
+#   METHODS="dpdm_scratch dpdm_warm_font" bash experiments/frontier_mnist5k.sh   # a subset
 #   EXTRA="trainer=gpu" bash experiments/frontier_mnist5k.sh                 # overrides for every run
 #   METHODS="dp_sad dp_sad_paper dp_sad_dp_teacher dp_sad_warm dp_sad_lambda0 dp_sad_lambda0.5 dp_sad_lambda2" \
 #     EPSILONS=1,10 OUT=runs/dp_sad_mnist5k REPORT=experiments/results/mnist5k_dp_sad bash experiments/frontier_mnist5k.sh
@@ -22,7 +22,7 @@ EPSILONS=${EPSILONS:-0.2,1,10}
 SEEDS=${SEEDS:-0}
 OUT=${OUT:-runs/frontier_mnist5k}
 REPORT=${REPORT:-experiments/results/mnist5k}
-METHODS=${METHODS:-"dpdm_scratch dpdm_warm dp_syngen dp_ldm dp_sad"}
+METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dp_syngen dp_ldm dp_sad"}
 EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
 RESULTS="$OUT/results.jsonl"
 mkdir -p "$OUT"
@@ -44,8 +44,8 @@ dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnis
 overrides_for() {  # the config of one frontier entry
   case "$1" in
     dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
-    dpdm_warm)    echo "" ;;                                   # the main job: DPDM warm-started on public digits
-    dpdm_warm_font) echo "public=font_digits" ;;               # warm-started on digits drawn from a font instead
+    dpdm_warm)    echo "public=digits" ;;                      # DPDM warm-started on scikit-learn's digits (the earlier main job)
+    dpdm_warm_font) echo "" ;;                                 # the main job: warm-started on font_digits (public=auto)
     dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
     dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu" ;;
     dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;              # sound; public teacher on digits

@@ -26,7 +26,7 @@ CONF = Path(__file__).parents[1] / "conf"
 EVAL_NAME = next(entry.eval for entry in OmegaConf.load(CONF / "config.yaml").defaults if "eval" in entry)
 DEFAULT_EVAL = OmegaConf.load(CONF / "eval" / f"{EVAL_NAME}.yaml")
 SHORTER = {"eval.num_samples": 40, "eval.downstream.epochs": 1}
-# The public warm start (public=auto: digits on mnist5k) is shortened too; it is cached in the test's folder.
+# The public warm start (public=auto: font_digits on mnist5k) is shortened too; it is cached in the test's folder.
 SHORT = ["train.steps=2", "train.batch_size=64", "train.physical_batch_size=64", "sample.num_samples=20",
          "sample.num_steps=2", "method.module.warm_start.steps=2", "method.module.warm_start.batch_size=16",
          *(f"{key}={value}" for key, value in SHORTER.items())]

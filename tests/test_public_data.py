@@ -61,7 +61,7 @@ def test_every_group_file_composes_and_validates(name: str, tmp_path: Path) -> N
     cfg = compose_config("data=mnist5k", f"public={name}", f"data.root={tmp_path}")
     resolve_public(cfg)  # auto: mnist5k's embedded public set
     spec = validate_public(cfg.public, dataset_info(cfg.data.name))
-    assert spec["name"] == ("digits" if name == "auto" else name)
+    assert spec["name"] == ("font_digits" if name == "auto" else name)
     if "root" in spec:  # file-backed public sets read from data.root
         assert spec["root"] == str(tmp_path)
 

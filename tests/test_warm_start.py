@@ -138,14 +138,14 @@ def test_public_auto_resolves_by_the_private_set_name(tmp_path):
 
     default = compose_cfg(tmp_path)
     assert default.public.name == "auto"
-    resolve_public(default)  # the main job: mnist5k -> scikit-learn digits
-    assert default.public.name == "digits" and default.public.root == default.data.root
+    resolve_public(default)  # the main job: mnist5k -> digits drawn from a font
+    assert default.public.name == "font_digits" and default.public.size == 20_000
     on_digits = compose_cfg(tmp_path, "data=digits")
     resolve_public(on_digits)  # digits is the private set: no public set
     assert on_digits.public.name == "none"
-    kept = compose_cfg(tmp_path, "+public.max_images=50")
+    kept = compose_cfg(tmp_path, "+public.size=50")
     resolve_public(kept)
-    assert (kept.public.name, kept.public.max_images) == ("digits", 50)
+    assert (kept.public.name, kept.public.size) == ("font_digits", 50)
     explicit = compose_cfg(tmp_path, "public=dead_leaves")
     resolve_public(explicit)
     assert explicit.public.name == "dead_leaves"
