@@ -36,6 +36,13 @@ def test_image_depends_only_on_seed_and_index() -> None:
     assert not torch.equal(data[27][0], first)  # the same digit, another draw of the jitter
 
 
+def test_negative_index_counts_from_the_end_and_outside_is_index_error() -> None:
+    data = FontDigits(size=12)
+    assert torch.equal(data[-1][0], data[11][0]) and data[-1][1] == 1
+    with pytest.raises(IndexError, match="index 12 out of range for 12 font digits"):
+        data[12]
+
+
 def test_labels_are_balanced_and_images_are_white_digits_on_black() -> None:
     data = FontDigits(size=40, seed=0)
     images = torch.stack([data[i][0] for i in range(40)])

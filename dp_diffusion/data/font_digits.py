@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 from dp_diffusion.config import ConfigError
+from dp_diffusion.data.synthetic import checked_index
 
 NUM_CLASSES = 10
 MNIST_BOX = 20 / 28  # MNIST: the digit fitted in a 20x20 box of the 28x28 image
@@ -95,11 +96,7 @@ class FontDigits(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        index = int(index)
-        if index < 0:
-            index += self.size
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} font digits")
+        index = checked_index(index, self.size, "font digits")
         label = index % NUM_CLASSES
         if index not in self._drawn:
             rng = np.random.default_rng((self.seed, index))

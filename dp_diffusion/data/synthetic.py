@@ -319,6 +319,16 @@ def spectrum_noise(
 
 # --- data set -----------------------------------------------------------------
 
+
+def checked_index(index: int, size: int, what: str) -> int:
+    """``index`` of a data set of ``size`` items as 0..size-1 (negative counts from the end); IndexError outside."""
+    index = int(index)
+    if index < 0:
+        index += size
+    if not 0 <= index < size:
+        raise IndexError(f"index {index} out of range for {size} {what}")
+    return index
+
 SYNTHETIC_FAMILIES: dict[str, Callable[..., Any]] = {
     "dead_leaves": dead_leaves,
     "spectrum": spectrum_noise,
@@ -373,11 +383,7 @@ class SyntheticImages(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        index = int(index)
-        if index < 0:
-            index += self.size
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} synthetic images")
+        index = checked_index(index, self.size, "synthetic images")
         rng = np.random.default_rng((self.seed, index))
         return self._render(self.image_shape, rng, **self.family_kwargs), 0
 
