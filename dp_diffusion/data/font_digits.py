@@ -67,7 +67,7 @@ class FontDigits(Dataset):
             raise ValueError(f"image_shape must be (C, H, W) with positive sides, got {tuple(image_shape)}")
         for name, (low, high) in {"stroke": stroke, "squeeze": squeeze}.items():
             if not 0 <= low <= high:
-                raise ConfigError(f"font_digits: {name} must be [min, max] with 0 <= min <= max, got {list((low, high))}")
+                raise ConfigError(f"font_digits: {name} must be [min, max] with 0 <= min <= max, got {[low, high]}")
         if squeeze[0] <= 0:
             raise ConfigError(f"font_digits: squeeze must be > 0, got {list(squeeze)}")
         for name, value in {"rotation": rotation, "shear": shear, "elastic": elastic}.items():

@@ -329,6 +329,7 @@ def checked_index(index: int, size: int, what: str) -> int:
         raise IndexError(f"index {index} out of range for {size} {what}")
     return index
 
+
 SYNTHETIC_FAMILIES: dict[str, Callable[..., Any]] = {
     "dead_leaves": dead_leaves,
     "spectrum": spectrum_noise,
