@@ -175,6 +175,31 @@ def test_run_dirs_are_read_once_each(results, tmp_path):
     assert len(compare(group_runs(records)[0], load_published())) > 0
 
 
+def test_runs_of_one_resolved_config_are_one_setting(tmp_path):
+    """The same config started by the frontier script (`+frontier=<entry>`) and by hand (`public=font_digits`)
+    is one line, named by the frontier entry; another config with the hand label's twin stays apart, and a
+    record without a config still pools by its overrides."""
+    runs = tmp_path / "runs"
+    config = {"method": {"name": "dpdm"}, "public": {"name": "font_digits"}, "privacy": {"epsilon": 1.0},
+              "seed": 0, "output_dir": "a", "frontier": "dpdm_warm_font"}
+    by_frontier = make_record(runs, "dpdm", 1.0, 0, 160.0, 0.6,
+                              overrides=("public=font_digits", "+frontier=dpdm_warm_font"))
+    by_hand = make_record(runs, "dpdm", 10.0, 0, 30.0, 0.8, overrides=("public=font_digits",))
+    by_frontier["config"] = config
+    by_hand["config"] = {**config, "privacy": {"epsilon": 10.0}, "seed": 1, "output_dir": "b", "frontier": None}
+    other = make_record(runs, "dpdm", 10.0, 1, 50.0, 0.7, overrides=("public=digits",))
+    other["config"] = {**config, "public": {"name": "digits"}}
+    old = make_record(runs, "dpdm", 1.0, 0, 350.0, 0.66, overrides=("public=digits",))  # no config kept
+    groups, _ = group_runs([by_frontier, by_hand, other, old])
+    assert [(g.epsilon, g.setting, len(g.runs)) for g in groups] == [
+        (1.0, "+frontier=dpdm_warm_font public=font_digits", 1), (1.0, "public=digits", 1),
+        (10.0, "+frontier=dpdm_warm_font public=font_digits", 1), (10.0, "public=digits", 1)]
+    lines, _ = frontier_series(groups, f"fid [{FID}]")
+    assert [point[:2] for point in lines["dpdm (+frontier=dpdm_warm_font public=font_digits)"]] == [
+        (1.0, 160.0), (10.0, 30.0)]
+    assert [point[:2] for point in lines["dpdm (public=digits)"]] == [(1.0, 350.0), (10.0, 50.0)]
+
+
 def test_relative_grid_paths_resolve_from_the_results_file(tmp_path, monkeypatch):
     """`train` run from the repository root records runs/...; the report may run anywhere else."""
     repo = tmp_path / "repo"

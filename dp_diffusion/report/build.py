@@ -26,7 +26,9 @@ from dp_diffusion.report.tables import DEFAULT_METRICS, NOT_A_GUARANTEE_MARK, Gr
 REPORT_NAME = "RESULTS.md"
 
 INTRO = f"""Each row pools the runs of one setting that differ only in their seed: mean ± standard deviation
-over seeds (one value for one seed). A fidelity column names the backbone its features come from, in
+over seeds (one value for one seed). A setting is named by the run's overrides other than method, data,
+epsilon and seed; runs whose resolved configs agree are one setting, under the name of the frontier entry
+where one started it. A fidelity column names the backbone its features come from, in
 brackets; numbers on different backbones never share a column. Downstream accuracy (`acc_*`) is that of
 DPDM's classifiers trained on the samples and scored on the real test split. `{NOT_A_GUARANTEE_MARK}` marks a
 run whose epsilon is not a differential-privacy guarantee (its reason is listed under the table; a run

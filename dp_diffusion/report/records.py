@@ -24,7 +24,7 @@ plot; their numbers are never pooled with guaranteed runs of the same setting.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ SOURCE_KEY = "_results_file"  # where the report read a record (relative paths i
 # epsilon), or bookkeeping (where things are written, which logger, a resumed run's checkpoint).
 IGNORED_OVERRIDES = ("seed=", "hydra.", "results_file=", "privacy.epsilon=", "privacy=", "method=", "data=",
                      "output_dir=", "overwrite=", "resume=", "logger=", "logger.", "trainer.enable_progress_bar=")
+# The same, as keys of a run's resolved config (`frontier` is the label the frontier script adds).
+IGNORED_CONFIG_KEYS = ("seed", "hydra", "results_file", "privacy.epsilon", "output_dir", "overwrite", "resume",
+                       "logger", "trainer.enable_progress_bar", "frontier")
 
 
 def read_results_file(path: Path) -> list[dict[str, Any]]:
@@ -105,6 +108,61 @@ def setting(record: Mapping[str, Any]) -> str:
     """The run's other overrides: runs differing in these are not pooled as seeds."""
     kept = [o for o in record.get("overrides", []) if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
     return " ".join(sorted(kept)) or "default"
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_fingerprint(record: Mapping[str, Any]) -> str | None:
+    """The run's resolved config (`record["config"]`) without the keys that IGNORED_CONFIG_KEYS names, as
+    one string; None where the record holds no config (records written before it was kept)."""
+    config = record.get("config")
+    if not isinstance(config, Mapping):
+        return None
+    kept = {key: value for key, value in _flat(config).items()
+            if not any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each record's setting label (`setting`), where records of one method and data set that share a label
+    or a resolved config (`config_fingerprint`) share one label: the same config started by a frontier entry
+    and by hand, or under `public=auto` and its resolved name, is one setting. Of a pool's labels the one
+    naming a frontier entry wins (the committed command's name), then the most used, then the shortest."""
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[tuple, int] = {}
+    for i, record in enumerate(records):
+        scope = (record.get("method"), record.get("data"))
+        keys = [("label", setting(record))]
+        fingerprint = config_fingerprint(record)
+        if fingerprint is not None:
+            keys.append(("config", fingerprint))
+        for key in keys:
+            j = first_of.setdefault((scope, *key), i)
+            parent[root(i)] = root(j)
+    pools: dict[int, list[str]] = {}
+    for i, record in enumerate(records):
+        pools.setdefault(root(i), []).append(setting(record))
+
+    def preference(label: str, labels: list[str]) -> tuple:
+        return "+frontier=" not in label, -labels.count(label), len(label), label
+
+    chosen = {r: min(labels, key=lambda label: preference(label, labels)) for r, labels in pools.items()}
+    return [chosen[root(i)] for i in range(len(records))]
 
 
 def swept_epsilon(record: Mapping[str, Any]) -> float | None:

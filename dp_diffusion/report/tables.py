@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dp_diffusion.report.records import not_a_guarantee, setting, steps_taken, swept_epsilon
+from dp_diffusion.report.records import not_a_guarantee, settings, steps_taken, swept_epsilon
 
 DEFAULT_METRICS = ("fid", "precision", "recall", "acc_logreg", "acc_mlp", "acc_cnn")
 NOT_A_GUARANTEE_MARK = "†"
@@ -91,14 +91,14 @@ def frontier_order(group: Group) -> tuple:
 
 def group_runs(records: Sequence[Mapping[str, Any]], metrics: Sequence[str] = DEFAULT_METRICS
                ) -> tuple[list[Group], list[str]]:
-    """Records pooled over seeds (same method, data, epsilon, setting and guarantee status), sorted, and
-    the metric columns in the order of `metrics` (a metric's backbones in first-seen order)."""
+    """Records pooled over seeds (same method, data, epsilon, setting (`settings`) and guarantee status),
+    sorted, and the metric columns in the order of `metrics` (a metric's backbones in first-seen order)."""
     groups: dict[tuple, Group] = {}
     columns: list[str] = []
-    for record in records:
+    for record, label in zip(records, settings(records)):
         eps, caveat = swept_epsilon(record), not_a_guarantee(record)
-        key = (record["method"], record["data"], eps, setting(record), caveat is not None)
-        group = groups.setdefault(key, Group(record["method"], record["data"], eps, setting(record), caveat))
+        key = (record["method"], record["data"], eps, label, caveat is not None)
+        group = groups.setdefault(key, Group(record["method"], record["data"], eps, label, caveat))
         group.runs.append(dict(record))
         for metric in metrics:
             entry = (record.get("metrics") or {}).get(metric)
