@@ -177,8 +177,8 @@ def test_run_dirs_are_read_once_each(results, tmp_path):
 
 def test_runs_of_one_resolved_config_are_one_setting(tmp_path):
     """The same config started by the frontier script (`+frontier=<entry>`) and by hand (`public=font_digits`)
-    is one line, named by the frontier entry; another config with the hand label's twin stays apart, and a
-    record without a config still pools by its overrides."""
+    is one line, named by the frontier entry; a run with the hand run's overrides but another config stays
+    apart, and a record without a config still pools by its overrides."""
     runs = tmp_path / "runs"
     config = {"method": {"name": "dpdm"}, "public": {"name": "font_digits"}, "privacy": {"epsilon": 1.0},
               "seed": 0, "output_dir": "a", "frontier": "dpdm_warm_font"}
@@ -190,10 +190,14 @@ def test_runs_of_one_resolved_config_are_one_setting(tmp_path):
     other = make_record(runs, "dpdm", 10.0, 1, 50.0, 0.7, overrides=("public=digits",))
     other["config"] = {**config, "public": {"name": "digits"}}
     old = make_record(runs, "dpdm", 1.0, 0, 350.0, 0.66, overrides=("public=digits",))  # no config kept
-    groups, _ = group_runs([by_frontier, by_hand, other, old])
+    # by_hand's overrides, another config (e.g. a default changed since): the label does not pool it with by_hand
+    twin = make_record(runs, "dpdm", 10.0, 2, 40.0, 0.75, overrides=("public=font_digits",))
+    twin["config"] = {**by_hand["config"], "method": {"name": "dpdm", "warm_start": {"steps": 1500}}}
+    groups, _ = group_runs([by_frontier, by_hand, other, old, twin])
     assert [(g.epsilon, g.setting, len(g.runs)) for g in groups] == [
         (1.0, "+frontier=dpdm_warm_font public=font_digits", 1), (1.0, "public=digits", 1),
-        (10.0, "+frontier=dpdm_warm_font public=font_digits", 1), (10.0, "public=digits", 1)]
+        (10.0, "+frontier=dpdm_warm_font public=font_digits", 1), (10.0, "public=digits", 1),
+        (10.0, "public=font_digits", 1)]
     lines, _ = frontier_series(groups, f"fid [{FID}]")
     assert [point[:2] for point in lines["dpdm (+frontier=dpdm_warm_font public=font_digits)"]] == [
         (1.0, 160.0), (10.0, 30.0)]

@@ -132,37 +132,25 @@ def config_fingerprint(record: Mapping[str, Any]) -> str | None:
 
 
 def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Each record's setting label (`setting`), where records of one method and data set that share a label
-    or a resolved config (`config_fingerprint`) share one label: the same config started by a frontier entry
-    and by hand, or under `public=auto` and its resolved name, is one setting. Of a pool's labels the one
-    naming a frontier entry wins (the committed command's name), then the most used, then the shortest."""
-    parent = list(range(len(records)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_of: dict[tuple, int] = {}
-    for i, record in enumerate(records):
-        scope = (record.get("method"), record.get("data"))
-        keys = [("label", setting(record))]
+    """Each record's setting label (`setting`), where records of one method and data set with the same resolved
+    config (`config_fingerprint`) share one: the same config started by a frontier entry and by hand, or under
+    `public=auto` and its resolved name, is one setting. Of such records' labels the one naming a frontier entry
+    wins (the committed command's name), then the most used, then the shortest. A record without a config keeps
+    its own label; records with one label pool as before (`group_runs`)."""
+    pools: dict[tuple, list[str]] = {}
+    keys = []
+    for record in records:
         fingerprint = config_fingerprint(record)
-        if fingerprint is not None:
-            keys.append(("config", fingerprint))
-        for key in keys:
-            j = first_of.setdefault((scope, *key), i)
-            parent[root(i)] = root(j)
-    pools: dict[int, list[str]] = {}
-    for i, record in enumerate(records):
-        pools.setdefault(root(i), []).append(setting(record))
+        key = (record.get("method"), record.get("data"), fingerprint) if fingerprint is not None else None
+        keys.append(key)
+        if key is not None:
+            pools.setdefault(key, []).append(setting(record))
 
     def preference(label: str, labels: list[str]) -> tuple:
         return "+frontier=" not in label, -labels.count(label), len(label), label
 
-    chosen = {r: min(labels, key=lambda label: preference(label, labels)) for r, labels in pools.items()}
-    return [chosen[root(i)] for i in range(len(records))]
+    chosen = {key: min(labels, key=lambda label: preference(label, labels)) for key, labels in pools.items()}
+    return [setting(record) if key is None else chosen[key] for record, key in zip(records, keys)]
 
 
 def swept_epsilon(record: Mapping[str, Any]) -> float | None:
