@@ -4,7 +4,7 @@
 #
 #   bash experiments/frontier_mnist5k.sh                       # epsilon 0.2, 1, 10; seed 0
 #   EPSILONS=1,10 SEEDS=0,1 bash experiments/frontier_mnist5k.sh
-#   METHODS="dpdm_scratch dpdm_warm_font" bash experiments/frontier_mnist5k.sh   # a subset
+#   METHODS="dpdm_scratch dpdm_main" bash experiments/frontier_mnist5k.sh   # a subset
 #   EXTRA="trainer=gpu" bash experiments/frontier_mnist5k.sh                 # overrides for every run
 #   METHODS="dp_sad dp_sad_paper dp_sad_dp_teacher dp_sad_warm dp_sad_lambda0 dp_sad_lambda0.5 dp_sad_lambda2" \
 #     EPSILONS=1,10 OUT=runs/dp_sad_mnist5k REPORT=experiments/results/mnist5k_dp_sad bash experiments/frontier_mnist5k.sh
@@ -22,7 +22,7 @@ EPSILONS=${EPSILONS:-0.2,1,10}
 SEEDS=${SEEDS:-0}
 OUT=${OUT:-runs/frontier_mnist5k}
 REPORT=${REPORT:-experiments/results/mnist5k}
-METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dp_syngen dp_ldm dp_ldm_condition_font_digits dp_sad"}
+METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_ldm dp_ldm_condition_font_digits dp_sad"}
 EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
 RESULTS="$OUT/results.jsonl"
 mkdir -p "$OUT"
@@ -44,8 +44,10 @@ dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnis
 overrides_for() {  # the config of one frontier entry
   case "$1" in
     dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
-    dpdm_warm)    echo "public=digits" ;;                      # DPDM warm-started on scikit-learn's digits (the earlier main job)
-    dpdm_warm_font) echo "" ;;                                 # the main job: warm-started on font_digits (public=auto)
+    # DPDM warm-started on a public set, 600 warm-start steps (the main job until session 11 and 12):
+    dpdm_warm)    echo "public=digits method.module.warm_start.steps=600" ;;       # on scikit-learn's digits
+    dpdm_warm_font) echo "public=font_digits method.module.warm_start.steps=600" ;; # on font_digits
+    dpdm_main)    echo "" ;;                                   # the main job: font_digits, 1500 warm-start steps
     dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
     dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu public=digits" ;;   # as first measured; the experiment itself
                                                                          # is dp_ldm_condition_font_digits since
@@ -53,13 +55,14 @@ overrides_for() {  # the config of one frontier entry
     # DP-SAD's variants and ablations (issue 15; not in the default METHODS):
     dp_sad_paper) echo "experiment=dp_sad_mnist5k_cpu method.module.privacy_model=paper method.module.teacher.source=nonprivate" ;;
     dp_sad_dp_teacher) echo "experiment=dp_sad_mnist5k_cpu method.module.teacher.source=dp" ;;
-    dp_sad_warm)  echo "experiment=dp_sad_mnist5k_cpu method.module.student_init=warm_start" ;;  # student from DPDM's warm start
+    # the student from DPDM's warm start, 600 steps as measured:
+    dp_sad_warm)  echo "experiment=dp_sad_mnist5k_cpu method.module.student_init=warm_start method.module.warm_start.steps=600" ;;
     dp_sad_lambda*) echo "experiment=dp_sad_mnist5k_cpu method.module.adversarial_weight=${1#dp_sad_lambda}" ;;
     # DP-LDM's fine-tuned part and public set (issue 14): dp_ldm_<finetune>[_<public>], finetune = condition |
     # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
     # leaves, the latent model on digits) | font_digits (the experiment's own); e.g. dp_ldm_lora_dead_leaves
     dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
-    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dp_syngen dp_ldm dp_sad dp_sad_paper" \
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_ldm dp_sad dp_sad_paper" \
             "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }

@@ -14,7 +14,8 @@ from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
-ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dp_syngen", "dp_ldm", "dp_ldm_condition_font_digits", "dp_sad")
+ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_ldm",
+           "dp_ldm_condition_font_digits", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
 DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "dp_ldm_condition_ae_dead_leaves",
                   "dp_ldm_all_font_digits")
@@ -61,6 +62,9 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
             "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
         assert module.adversarial_weight == {"dp_sad_lambda0": 0, "dp_sad_lambda0.5": 0.5}.get(entry, 1.0)
         assert module.student_init == ("warm_start" if entry == "dp_sad_warm" else "scratch")
+    if (entry.startswith("dpdm_") and entry != "dpdm_scratch") or entry == "dp_sad_warm":
+        # the entries measured before the main job's warm start grew to 1500 steps pin the 600 they ran with
+        assert module.warm_start.steps == (1500 if entry == "dpdm_main" else 600)
 
 
 def test_an_unknown_entry_is_refused():
