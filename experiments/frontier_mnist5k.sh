@@ -44,7 +44,7 @@ dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnis
 overrides_for() {  # the config of one frontier entry
   case "$1" in
     dpdm_scratch) echo "public=none" ;;                        # DPDM from scratch (the earlier default)
-    # DPDM warm-started on a public set, 600 warm-start steps (the main job until session 11 and 12):
+    # DPDM warm-started on a public set for 600 steps (the main job: on digits until session 11, on font_digits in it):
     dpdm_warm)    echo "public=digits method.module.warm_start.steps=600" ;;       # on scikit-learn's digits
     dpdm_warm_font) echo "public=font_digits method.module.warm_start.steps=600" ;; # on font_digits
     dpdm_main)    echo "" ;;                                   # the main job: font_digits, 1500 warm-start steps
