@@ -137,20 +137,21 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     `public=auto` and its resolved name, is one setting. Of such records' labels the one naming a frontier entry
     wins (the committed command's name), then the most used, then the shortest. A record without a config keeps
     its own label; records with one label pool as before (`group_runs`)."""
+    labels = [setting(record) for record in records]
     pools: dict[tuple, list[str]] = {}
     keys = []
-    for record in records:
+    for record, label in zip(records, labels):
         fingerprint = config_fingerprint(record)
         key = (record.get("method"), record.get("data"), fingerprint) if fingerprint is not None else None
         keys.append(key)
         if key is not None:
-            pools.setdefault(key, []).append(setting(record))
+            pools.setdefault(key, []).append(label)
 
     def preference(label: str, labels: list[str]) -> tuple:
         return "+frontier=" not in label, -labels.count(label), len(label), label
 
-    chosen = {key: min(labels, key=lambda label: preference(label, labels)) for key, labels in pools.items()}
-    return [setting(record) if key is None else chosen[key] for record, key in zip(records, keys)]
+    chosen = {key: min(pool, key=lambda label: preference(label, pool)) for key, pool in pools.items()}
+    return [label if key is None else chosen[key] for label, key in zip(labels, keys)]
 
 
 def swept_epsilon(record: Mapping[str, Any]) -> float | None:
