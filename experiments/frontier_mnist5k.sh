@@ -49,6 +49,8 @@ overrides_for() {  # the config of one frontier entry
     dpdm_warm_font) echo "public=font_digits method.module.warm_start.steps=600" ;; # on font_digits
     dpdm_main)    echo "" ;;                                   # the main job: font_digits, 1500 warm-start steps
     dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
+    # no synthetic coarse stage: the context stage (DP, labelled) covers every sigma above the cleaning range
+    dp_syngen_no_coarse) echo "experiment=dp_syngen_mnist5k_cpu method.module.log_tau_coarse=null" ;;
     dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu public=digits" ;;   # as first measured; the experiment itself
                                                                          # is dp_ldm_condition_font_digits since
     dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;              # sound; public teacher on digits
@@ -62,7 +64,7 @@ overrides_for() {  # the config of one frontier entry
     # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
     # leaves, the latent model on digits) | font_digits (the experiment's own); e.g. dp_ldm_lora_dead_leaves
     dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
-    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_ldm dp_sad dp_sad_paper" \
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_no_coarse dp_ldm dp_sad dp_sad_paper" \
             "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }

@@ -17,6 +17,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnis
 ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_ldm",
            "dp_ldm_condition_font_digits", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
+DP_SYNGEN_ENTRIES = ("dp_syngen_no_coarse",)
 DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "dp_ldm_condition_ae_dead_leaves",
                   "dp_ldm_all_font_digits")
 
@@ -34,7 +35,7 @@ def test_default_entries_are_the_known_ones():
     assert "privacy.epsilon=\"$eps\"" in text and "dp-diffusion}" in text and '$DP report "$RESULTS"' in text
 
 
-@pytest.mark.parametrize("entry", ENTRIES + DP_SAD_ENTRIES + DP_LDM_ENTRIES)
+@pytest.mark.parametrize("entry", ENTRIES + DP_SAD_ENTRIES + DP_SYNGEN_ENTRIES + DP_LDM_ENTRIES)
 def test_each_entry_composes_and_validates_on_mnist5k(entry):
     result = overrides_for(entry)
     assert result.returncode == 0, result.stderr
@@ -45,7 +46,7 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
     validate_config(cfg)
     assert cfg.data.name == "mnist5k"
     expected_method = "dpdm" if entry.startswith("dpdm_") else entry
-    assert cfg.method.name == (entry[:6] if entry.startswith(("dp_sad", "dp_ldm")) else expected_method)
+    assert cfg.method.name == {"dp_sad": "dp_sad", "dp_ldm": "dp_ldm", "dp_syn": "dp_syngen"}.get(entry[:6], expected_method)
     # public=auto (font_digits on mnist5k) and DP-LDM's experiment (font_digits) unless an entry pins the set it
     # was first measured with
     pinned_digits = entry in ("dpdm_warm", "dp_ldm", "dp_ldm_all", "dp_ldm_lora", "dp_ldm_condition_ae_dead_leaves")
@@ -57,6 +58,9 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
         assert module.finetune == entry.split("_")[2]
         autoencoder_public = module.autoencoder_public and module.autoencoder_public.name
         assert autoencoder_public == ("dead_leaves" if entry.endswith("_ae_dead_leaves") else None)
+    if entry.startswith("dp_syngen"):
+        assert module.log_tau_coarse == (None if entry == "dp_syngen_no_coarse" else 2.0)
+        assert module.log_tau_cleaning == -3.0
     if entry.startswith("dp_sad"):
         assert (module.privacy_model, module.teacher.source) == {
             "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
