@@ -15,6 +15,7 @@ from dp_diffusion.cli import main as cli
 from dp_diffusion.report import EPSILON_IS_GUARANTEE, load_records, write_report
 from dp_diffusion.report.plots import frontier_figure, frontier_series, mosaic_cells
 from dp_diffusion.report.published import PUBLISHED_FILE, compare, load_published
+from dp_diffusion.report.records import setting, settings
 from dp_diffusion.report.tables import group_runs
 
 FID = "domain-cnn[mnist5k-train]"
@@ -202,6 +203,44 @@ def test_runs_of_one_resolved_config_are_one_setting(tmp_path):
     assert [point[:2] for point in lines["dpdm (+frontier=dpdm_warm_font public=font_digits)"]] == [
         (1.0, 160.0), (10.0, 30.0)]
     assert [point[:2] for point in lines["dpdm (public=digits)"]] == [(1.0, 350.0), (10.0, 50.0)]
+
+
+def test_settings_with_one_label_but_other_configs_are_told_apart(tmp_path):
+    """`dp-diffusion train` before and after a default changed: both runs are labelled `default`; the report
+    names each by the keys that differ instead of pooling them as seeds. The same recipe without privacy keeps
+    the recipe's label (its privacy block differs only in saying `privacy=none`), and two private runs that
+    differ only in the privacy block are told apart by it."""
+    runs = tmp_path / "runs"
+    private = {"enabled": True, "delta": 1e-5, "max_grad_norm": 1.0}
+    config = {"method": {"name": "dpdm", "warm_start": {"steps": 600}}, "public": {"name": "digits"},
+              "privacy": private}
+    before = make_record(runs, "dpdm", 10.0, 0, 50.0, 0.82)
+    before["config"] = config
+    after = make_record(runs, "dpdm", 10.0, 1, 27.0, 0.85)
+    after["config"] = {**config, "method": {"name": "dpdm", "warm_start": {"steps": 1500}},
+                       "public": {"name": "font_digits"}}
+    ceiling = make_record(runs, "dpdm", 10.0, 2, 7.0, 0.86)
+    ceiling.update(target_epsilon=None, epsilon=None)
+    ceiling["config"] = {**after["config"], "privacy": {"enabled": False, "delta": 0.0, "max_grad_norm": "inf"}}
+    other_delta = make_record(runs, "dpdm", 10.0, 3, 28.0, 0.84)
+    other_delta["config"] = {**after["config"], "privacy": {**private, "delta": 1e-6}}
+    records = [before, after, ceiling, other_delta]
+    assert [setting(r) for r in records] == ["default"] * 4
+    assert settings(records) == [
+        "default (method.warm_start.steps=600, public.name=digits)",
+        "default (method.warm_start.steps=1500, public.name=font_digits) (privacy.delta=1e-05)",
+        "default (method.warm_start.steps=1500, public.name=font_digits)",
+        "default (method.warm_start.steps=1500, public.name=font_digits) (privacy.delta=1e-06)"]
+    groups, _ = group_runs(records)
+    assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 1]
+    # a run from before `warm_start` was a key (its config lacks it) is no other setting for lacking it
+    legacy = make_record(runs, "dpdm", 10.0, 4, 26.0, 0.83)
+    legacy["config"] = {**after["config"], "method": {"name": "dpdm"}}
+    labels = settings([*records, legacy])
+    assert labels[1] == labels[4] == "default (public.name=font_digits) (privacy.delta=1e-05)"
+    assert labels[0] == "default (public.name=digits)"
+    groups, _ = group_runs([*records, legacy])
+    assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 2]
 
 
 def test_relative_grid_paths_resolve_from_the_results_file(tmp_path, monkeypatch):

@@ -120,38 +120,108 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_fingerprint(record: Mapping[str, Any]) -> str | None:
-    """The run's resolved config (`record["config"]`) without the keys that IGNORED_CONFIG_KEYS names, as
-    one string; None where the record holds no config (records written before it was kept)."""
+def _kept_config(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run's flattened resolved config without the keys that IGNORED_CONFIG_KEYS names (None: no config)."""
     config = record.get("config")
     if not isinstance(config, Mapping):
         return None
-    kept = {key: value for key, value in _flat(config).items()
+    return {key: value for key, value in _flat(config).items()
             if not any(key == k or key.startswith(k + ".") for k in IGNORED_CONFIG_KEYS)}
-    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _canonical(value: Any) -> str:
+    """One string per value, equal exactly when the values are (keys sorted; non-JSON values by str)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _split_privacy(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the config without its privacy block, the privacy block or None for a non-private run). A non-private
+    run's privacy block only says `privacy=none` (its epsilon column says so too), so a recipe run with and
+    without privacy is one setting."""
+    rest = {key: value for key, value in config.items() if not key.startswith("privacy.")}
+    privacy = {key: value for key, value in config.items() if key.startswith("privacy.")}
+    return rest, None if config.get("privacy.enabled") is False else privacy
+
+
+def _differing(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys that every config holds and whose values are not all equal. A key some lack is no difference:
+    it was added to the code after those runs, with the behaviour they had as its default."""
+    common = set.intersection(*(set(c) for c in configs)) if configs else set()
+    return sorted(k for k in common if len({_canonical(c[k]) for c in configs}) > 1)
+
+
+def _classes(configs: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Each config's class: configs that agree on their common keys (`_differing`) share one."""
+    representatives: list[Mapping[str, Any]] = []
+    classes = []
+    for config in configs:
+        match = next((i for i, r in enumerate(representatives) if not _differing([r, config])), None)
+        if match is None:
+            representatives.append(config)
+            match = len(representatives) - 1
+        classes.append(match)
+    return classes
+
+
+def _suffixes(configs: Sequence[Mapping[str, Any]], most: int = 3) -> list[str]:
+    """Each config's ' (key=value, ...)': the keys that tell these configs' classes apart (none if one class)."""
+    classes = _classes(configs)
+    if len(set(classes)) < 2:
+        return [""] * len(configs)
+    keys = _differing(configs)
+    if not keys:  # the classes differ only in keys that some of the others lack
+        return [f" (config {c + 1})" for c in classes]
+    shown, hidden = keys[:most], len(keys) - most
+    more = f", +{hidden} more" if hidden > 0 else ""
+    return [" (" + ", ".join(f"{k}={c[k]}" for k in shown) + more + ")" for c in configs]
+
+
+def _disambiguated(chosen: dict[tuple, str], configs: Mapping[tuple, Mapping[str, Any]]) -> dict[tuple, str]:
+    """`chosen` labels, where settings of one method and data set that share a label but not a config get the
+    keys that tell them apart appended (first outside the privacy block, then, among private runs, within it)."""
+    clashes: dict[tuple, list[tuple]] = {}
+    for key, label in chosen.items():
+        clashes.setdefault((key[0], key[1], label), []).append(key)
+    named = dict(chosen)
+    for keys in clashes.values():
+        split = [_split_privacy(configs[key]) for key in keys]
+        rest_classes = _classes([rest for rest, _ in split])
+        for key, suffix in zip(keys, _suffixes([rest for rest, _ in split])):
+            named[key] += suffix
+        for rest_class in set(rest_classes):
+            private = [(key, privacy) for key, (_, privacy), c in zip(keys, split, rest_classes)
+                       if c == rest_class and privacy is not None]
+            for (key, _), suffix in zip(private, _suffixes([privacy for _, privacy in private])):
+                named[key] += suffix
+    return named
 
 
 def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Each record's setting label (`setting`), where records of one method and data set with the same resolved
-    config (`config_fingerprint`) share one: the same config started by a frontier entry and by hand, or under
-    `public=auto` and its resolved name, is one setting. Of such records' labels the one naming a frontier entry
-    wins (the committed command's name), then the most used, then the shortest. A record without a config keeps
-    its own label; records with one label pool as before (`group_runs`)."""
+    config (`record["config"]` without IGNORED_CONFIG_KEYS) share one: the same config started by a frontier
+    entry and by hand, or under `public=auto` and its resolved name, is one setting. Of such records' labels the
+    one naming a frontier entry wins (the committed command's name), then the most used, then the shortest.
+    Settings whose configs differ but whose labels agree (`dp-diffusion train` before and after a default
+    changed) get the differing keys appended, so they never pool; a recipe run with and without privacy keeps
+    one label. A record without a config keeps its own label; records with one label pool (`group_runs`)."""
     labels = [setting(record) for record in records]
     pools: dict[tuple, list[str]] = {}
-    keys = []
+    configs: dict[tuple, dict[str, Any]] = {}
+    keys: list[tuple | None] = []
     for record, label in zip(records, labels):
-        fingerprint = config_fingerprint(record)
-        key = (record.get("method"), record.get("data"), fingerprint) if fingerprint is not None else None
-        keys.append(key)
-        if key is not None:
+        kept, key = _kept_config(record), None
+        if kept is not None:
+            key = (record.get("method"), record.get("data"), _canonical(kept))
             pools.setdefault(key, []).append(label)
+            configs[key] = kept
+        keys.append(key)
 
     def preference(label: str, labels: list[str]) -> tuple:
         return "+frontier=" not in label, -labels.count(label), len(label), label
 
     chosen = {key: min(pool, key=lambda label: preference(label, pool)) for key, pool in pools.items()}
-    return [label if key is None else chosen[key] for label, key in zip(labels, keys)]
+    named = _disambiguated(chosen, configs)
+    return [label if key is None else named[key] for label, key in zip(labels, keys)]
 
 
 def swept_epsilon(record: Mapping[str, Any]) -> float | None:
