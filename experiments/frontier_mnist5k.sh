@@ -22,7 +22,7 @@ EPSILONS=${EPSILONS:-0.2,1,10}
 SEEDS=${SEEDS:-0}
 OUT=${OUT:-runs/frontier_mnist5k}
 REPORT=${REPORT:-experiments/results/mnist5k}
-METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_ldm dp_ldm_condition_font_digits dp_sad"}
+METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_ldm dp_ldm_condition_font_digits dp_sad"}
 EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
 RESULTS="$OUT/results.jsonl"
 mkdir -p "$OUT"
@@ -48,9 +48,11 @@ overrides_for() {  # the config of one frontier entry
     dpdm_warm)    echo "public=digits method.module.warm_start.steps=600" ;;       # on scikit-learn's digits
     dpdm_warm_font) echo "public=font_digits method.module.warm_start.steps=600" ;; # on font_digits
     dpdm_main)    echo "" ;;                                   # the main job: font_digits, 1500 warm-start steps
-    dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu" ;;
-    # no synthetic coarse stage: the context stage (DP, labelled) covers every sigma above the cleaning range
-    dp_syngen_no_coarse) echo "experiment=dp_syngen_mnist5k_cpu method.module.log_tau_coarse=null" ;;
+    dp_syngen_high_noise) echo "experiment=dp_syngen_mnist5k_cpu" ;;   # its noise levels are the main job's
+    # DP-SynGen as first measured (plain edm noise levels, until session 13), and that without the synthetic
+    # coarse stage (the context stage, DP and labelled, covers every sigma above the cleaning range):
+    dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu diffusion=edm" ;;
+    dp_syngen_no_coarse) echo "experiment=dp_syngen_mnist5k_cpu diffusion=edm method.module.log_tau_coarse=null" ;;
     dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu public=digits" ;;   # as first measured; the experiment itself
                                                                          # is dp_ldm_condition_font_digits since
     dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;              # sound; public teacher on digits
@@ -64,7 +66,7 @@ overrides_for() {  # the config of one frontier entry
     # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
     # leaves, the latent model on digits) | font_digits (the experiment's own); e.g. dp_ldm_lora_dead_leaves
     dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
-    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_no_coarse dp_ldm dp_sad dp_sad_paper" \
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_syngen_no_coarse dp_ldm dp_sad dp_sad_paper" \
             "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }

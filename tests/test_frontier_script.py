@@ -14,7 +14,7 @@ from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
-ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_ldm",
+ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_syngen_high_noise", "dp_ldm",
            "dp_ldm_condition_font_digits", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
 DP_SYNGEN_ENTRIES = ("dp_syngen_no_coarse",)
@@ -61,6 +61,8 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
     if entry.startswith("dp_syngen"):
         assert module.log_tau_coarse == (None if entry == "dp_syngen_no_coarse" else 2.0)
         assert module.log_tau_cleaning == -3.0
+        # the main job's noise levels, except the entries measured before the experiment took them
+        assert cfg.diffusion.P_mean == (0.5 if entry == "dp_syngen_high_noise" else -1.2)
     if entry.startswith("dp_sad"):
         assert (module.privacy_model, module.teacher.source) == {
             "dp_sad_paper": ("paper", "nonprivate"), "dp_sad_dp_teacher": ("sound", "dp")}.get(entry, ("sound", "public"))
