@@ -194,11 +194,14 @@ def test_runs_of_one_resolved_config_are_one_setting(tmp_path):
     # by_hand's overrides, another config (e.g. a default changed since): the label does not pool it with by_hand
     twin = make_record(runs, "dpdm", 10.0, 2, 40.0, 0.75, overrides=("public=font_digits",))
     twin["config"] = {**by_hand["config"], "method": {"name": "dpdm", "warm_start": {"steps": 1500}}}
-    groups, _ = group_runs([by_frontier, by_hand, other, old, twin])
+    # the frontier entry's recipe without privacy, started by hand: its ceiling, on its line
+    ceiling = make_record(runs, "dpdm", None, 3, 7.0, 0.86, overrides=("privacy=none",))
+    ceiling["config"] = {**config, "privacy": {"enabled": False, "epsilon": float("inf")}, "frontier": None}
+    groups, _ = group_runs([by_frontier, by_hand, other, old, twin, ceiling])
     assert [(g.epsilon, g.setting, len(g.runs)) for g in groups] == [
         (1.0, "+frontier=dpdm_warm_font public=font_digits", 1), (1.0, "public=digits", 1),
         (10.0, "+frontier=dpdm_warm_font public=font_digits", 1), (10.0, "public=digits", 1),
-        (10.0, "public=font_digits", 1)]
+        (10.0, "public=font_digits", 1), (None, "+frontier=dpdm_warm_font public=font_digits", 1)]
     lines, _ = frontier_series(groups, f"fid [{FID}]")
     assert [point[:2] for point in lines["dpdm (+frontier=dpdm_warm_font public=font_digits)"]] == [
         (1.0, 160.0), (10.0, 30.0)]

@@ -202,8 +202,9 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     entry and by hand, or under `public=auto` and its resolved name, is one setting. Of such records' labels the
     one naming a frontier entry wins (the committed command's name), then the most used, then the shortest.
     Settings whose configs differ but whose labels agree (`dp-diffusion train` before and after a default
-    changed) get the differing keys appended, so they never pool; a recipe run with and without privacy keeps
-    one label. A record without a config keeps its own label; records with one label pool (`group_runs`)."""
+    changed) get the differing keys appended, so they never pool; a recipe run without privacy takes the label
+    of its private runs (it is their line's ceiling). A record without a config keeps its own label; records
+    with one label pool (`group_runs`)."""
     labels = [setting(record) for record in records]
     pools: dict[tuple, list[str]] = {}
     configs: dict[tuple, dict[str, Any]] = {}
@@ -220,6 +221,14 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
         return "+frontier=" not in label, -labels.count(label), len(label), label
 
     chosen = {key: min(pool, key=lambda label: preference(label, pool)) for key, pool in pools.items()}
+    # A recipe run without privacy (its ceiling) takes the name of the same recipe's private runs.
+    split = {key: _split_privacy(config) for key, config in configs.items()}
+    for key, (rest, privacy) in split.items():
+        if privacy is None:
+            names = [chosen[key]] + [chosen[other] for other, (other_rest, other_privacy) in split.items()
+                                     if other[:2] == key[:2] and other_privacy is not None
+                                     and not _differing([rest, other_rest])]
+            chosen[key] = min(names, key=lambda label: preference(label, names))
     named = _disambiguated(chosen, configs)
     return [label if key is None else named[key] for label, key in zip(labels, keys)]
 
