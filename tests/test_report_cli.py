@@ -244,6 +244,17 @@ def test_settings_with_one_label_but_other_configs_are_told_apart(tmp_path):
     assert labels[0] == "default (public.name=digits)"
     groups, _ = group_runs([*records, legacy])
     assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 2]
+    # under a frontier entry's label the runs stay one setting: the script pins what matters when a default
+    # changes, and a changed default it leaves unpinned does not act on the entry (`public=none` ignores
+    # the warm start's steps)
+    scratch = []
+    for seed, steps in ((5, 600), (6, 1500)):
+        record = make_record(runs, "dpdm", 10.0, seed, 170.0, 0.7, overrides=("public=none", "+frontier=dpdm_scratch"))
+        record["config"] = {**config, "method": {"name": "dpdm", "warm_start": {"steps": steps}},
+                            "public": {"name": "none"}}
+        scratch.append(record)
+    assert settings(scratch) == ["+frontier=dpdm_scratch public=none"] * 2
+    assert [len(g.runs) for g in group_runs(scratch)[0]] == [2]
 
 
 def test_relative_grid_paths_resolve_from_the_results_file(tmp_path, monkeypatch):
