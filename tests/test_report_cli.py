@@ -101,6 +101,10 @@ def test_plots_are_pngs_with_one_line_per_method(results, tmp_path):
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
         "dp_sad (method.variant=paper) †", "dpdm", "dpdm, no DP"]
     assert len(ax.containers) == 2  # error bars for both methods
+    # the non-private runs' reference line is drawn in the colour of their setting's line
+    line_colour = next(c for c in ax.containers if c.get_label() == "dpdm").lines[0].get_color()
+    reference = next(h for h in ax.get_lines() if h.get_label() == "dpdm, no DP")
+    assert reference.get_linestyle() == "--" and reference.get_color() == line_colour
 
 
 def test_mosaic_is_method_by_epsilon_from_the_runs_grids(results, tmp_path):

@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from dp_diffusion.report.records import grid_path  # noqa: E402
 from dp_diffusion.report.tables import Group, frontier_order  # noqa: E402
 
+NO_DP = ", no DP"  # the legend label of a setting's non-private runs: "<setting>, no DP"
 Point = tuple[float, float, float]  # epsilon, mean, std over seeds
 Series = dict[str, list[Point]]  # line label -> points by rising epsilon
 
@@ -32,7 +33,7 @@ def frontier_series(groups: Sequence[Group], column: str) -> tuple[Series, dict[
         if stats is None:
             continue
         if group.epsilon is None:
-            baselines[f"{group.label}, no DP"] = (math.nan, *stats)
+            baselines[f"{group.label}{NO_DP}"] = (math.nan, *stats)
         else:
             lines.setdefault(group.label, []).append((group.epsilon, *stats))
     return lines, baselines
@@ -47,12 +48,14 @@ def frontier_figure(panels: Mapping[str, tuple[Series, dict[str, Point]]], ylabe
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2 + 0.13 * legend_lines), squeeze=False)
     for ax, (name, (lines, baselines)) in zip(axes[0], panels.items()):
         colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+        line_colours = {label: next(colours) for label in lines}
         for label, points in lines.items():
             eps, mean, std = zip(*points)
-            ax.errorbar(eps, mean, yerr=std, label=textwrap.fill(label, 60), marker="o", capsize=3, color=next(colours),
-                        linestyle=":" if label.endswith("†") else "-")
+            ax.errorbar(eps, mean, yerr=std, label=textwrap.fill(label, 60), marker="o", capsize=3,
+                        color=line_colours[label], linestyle=":" if label.endswith("†") else "-")
         for label, (_, mean, std) in baselines.items():
-            colour = next(colours)
+            # a setting's run without privacy in its line's colour (its ceiling)
+            colour = line_colours.get(label.removesuffix(NO_DP)) or next(colours)
             ax.axhline(mean, linestyle="--", color=colour, label=textwrap.fill(label, 60))
             if std > 0:
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
