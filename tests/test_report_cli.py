@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from dp_diffusion.cli import main as cli
 from dp_diffusion.report import EPSILON_IS_GUARANTEE, load_records, write_report
 from dp_diffusion.report.plots import frontier_figure, frontier_series, mosaic_cells
 from dp_diffusion.report.published import PUBLISHED_FILE, compare, load_published
-from dp_diffusion.report.records import setting, settings
+from dp_diffusion.report.build import with_kept_grid
+from dp_diffusion.report.records import grid_path, setting, settings
 from dp_diffusion.report.tables import group_runs
 
 FID = "domain-cnn[mnist5k-train]"
@@ -273,13 +275,31 @@ def test_relative_grid_paths_resolve_from_the_results_file(tmp_path, monkeypatch
     assert list(mosaic_cells(groups)[2].values()) == [(repo / relative / "samples_grid.png").resolve()]
 
 
+def test_the_report_keeps_the_grids_so_it_regenerates_without_the_run_dirs(results, tmp_path):
+    """A report copies each run's grid into its folder; regenerated after the run dirs are gone (a fresh
+    clone, a cleaned runs/), its mosaic still holds every cell."""
+    out = tmp_path / "report"
+    records = load_records([results])
+    write_report(records, out)
+    kept = sorted((out / "grids").iterdir())
+    assert len(kept) == sum(grid_path(r) is not None for r in records) > 0
+    for record in records:
+        shutil.rmtree(record["output_dir"], ignore_errors=True)
+    assert all(grid_path(r) is None for r in records)
+    text = write_report(load_records([results]), out).read_text()
+    assert "No sample grids found" not in section(text, "mnist5k")
+    groups, _ = group_runs([with_kept_grid(r, out / "grids") for r in load_records([results])
+                            if r["data"] == "mnist5k"])
+    assert len(mosaic_cells(groups)[2]) == 4 and sorted((out / "grids").iterdir()) == kept
+
+
 def test_cli_writes_the_folder(results, tmp_path, capsys):
     out = tmp_path / "folder"
     cli(["report", str(results), "--out", str(out)])
     assert f"report: {out / 'RESULTS.md'}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["RESULTS.md", "fid_vs_epsilon_mnist5k.png", "accuracy_vs_epsilon_mnist5k.png", "samples_mnist5k.png",
-         "fid_vs_epsilon_digits.png", "accuracy_vs_epsilon_digits.png"])
+         "fid_vs_epsilon_digits.png", "accuracy_vs_epsilon_digits.png", "grids"])
 
 
 @pytest.mark.parametrize("content, expected", [

@@ -11,7 +11,9 @@ plots it shows (FID and downstream accuracy against epsilon) and the mosaic of s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,10 +22,11 @@ from typing import Any
 
 from dp_diffusion.config import ConfigError
 from dp_diffusion.report.published import PUBLISHED_FILE, compare, comparison_table, load_published
-from dp_diffusion.report.records import EPSILON_IS_GUARANTEE, load_records
+from dp_diffusion.report.records import EPSILON_IS_GUARANTEE, grid_path, identity, load_records
 from dp_diffusion.report.tables import DEFAULT_METRICS, NOT_A_GUARANTEE_MARK, Group, frontier_table, group_runs
 
 REPORT_NAME = "RESULTS.md"
+GRIDS_DIR = "grids"  # in the report folder: a copy of each run's sample grid, for the mosaic of later reports
 
 INTRO = f"""Each row pools the runs of one setting that differ only in their seed: mean ± standard deviation
 over seeds (one value for one seed). A setting is named by the run's overrides other than method, data,
@@ -89,13 +92,27 @@ def data_section(data: str, groups: list[Group], columns: list[str], entries: li
     return lines
 
 
+def with_kept_grid(record: dict[str, Any], grids: Path) -> dict[str, Any]:
+    """`record`, its sample grid copied into `grids` (named by the run's identity) and pointed at there; where
+    the run dir is gone (another machine, a cleaned `runs/`), the copy an earlier report kept. So a report
+    regenerated from its own `results.jsonl` keeps every run's grid in its mosaic."""
+    kept = grids / f"{hashlib.sha1(identity(record).encode()).hexdigest()[:16]}.png"
+    found = grid_path(record)
+    if found is not None and found.resolve() != kept.resolve():
+        grids.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found, kept)
+    if not kept.is_file():
+        return record
+    return {**record, "samples": {**(record.get("samples") or {}), "grid": str(kept.resolve())}}
+
+
 def write_report(records: Sequence[dict[str, Any]], out: str | Path, sources: Sequence[str] = (),
                  metrics: Sequence[str] = DEFAULT_METRICS, published: str | Path = PUBLISHED_FILE) -> Path:
     """Write RESULTS.md and its figures into `out`; returns the RESULTS.md path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = load_published(published)
-    groups, columns = group_runs(records, metrics)
+    groups, columns = group_runs([with_kept_grid(record, out / GRIDS_DIR) for record in records], metrics)
     by_data: dict[str, list[Group]] = defaultdict(list)
     for group in groups:
         by_data[group.data].append(group)
