@@ -14,8 +14,8 @@ from dp_diffusion.data.public import resolve_public
 from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
-ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_syngen_high_noise", "dp_ldm",
-           "dp_ldm_condition_font_digits", "dp_sad")
+ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_syngen_high_noise",
+           "dp_ldm", "dp_ldm_condition_font_digits", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
 DP_SYNGEN_ENTRIES = ("dp_syngen_no_coarse",)
 DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "dp_ldm_condition_ae_dead_leaves",

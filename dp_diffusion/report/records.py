@@ -186,8 +186,8 @@ def _disambiguated(chosen: dict[tuple, str], configs: Mapping[tuple, Mapping[str
     for (_, _, label), keys in clashes.items():
         if "+frontier=" in label:
             # One frontier entry is one setting: the script pins what an entry ran with when a default changes,
-            # and a default it leaves unpinned does not act on it (DPDM from scratch keeps
-            # its warm-start keys), so its runs pool across such changes.
+            # and a default it leaves unpinned does not act on it (DPDM from scratch keeps its warm-start
+            # keys), so its runs pool across such changes.
             continue
         split = [_split_privacy(configs[key]) for key in keys]
         rest_classes = _classes([rest for rest, _ in split])
@@ -208,9 +208,8 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     one naming a frontier entry wins (the committed command's name), then the most used, then the shortest.
     Settings whose configs differ but whose labels agree (`dp-diffusion train` before and after a default
     changed) get the differing keys appended, so they never pool, except under a frontier entry's label (one
-    entry is one setting); a recipe run without privacy takes the label
-    of its private runs (it is their line's ceiling). A record without a config keeps its own label; records
-    with one label pool (`group_runs`)."""
+    entry is one setting); a recipe run without privacy takes the label of its private runs (it is their line's
+    ceiling). A record without a config keeps its own label; records with one label pool (`group_runs`)."""
     labels = [setting(record) for record in records]
     pools: dict[tuple, list[str]] = {}
     configs: dict[tuple, dict[str, Any]] = {}
