@@ -6,8 +6,8 @@
 Encodes `--num` images of the run's data set (`--split` train or test), a uniformly random subset drawn
 with `--seed` (a split may be ordered by class, as mnist5k's is: its first 2,000 train images are the digits
 0-4 only), with the checkpoint's public encoder and decodes them; `samples.npz` and `samples_grid.png` in
-`--out` hold them with their real labels (so the evaluation's classifiers, trained on them, give the accuracy
-a perfect latent model would reach too). Scored as samples, their FID is what a perfect latent model would reach with this autoencoder.
+`--out` hold them with their real labels. Scored as samples, their FID (and the accuracy of the evaluation's
+classifiers trained on them) is what a perfect latent model would reach with this autoencoder.
 Reading the private images here is an evaluation, outside the guarantee like every evaluation against
 private data; nothing of it goes back into a run.
 """

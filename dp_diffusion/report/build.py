@@ -33,8 +33,9 @@ over seeds (one value for one seed). A setting is named by the run's overrides o
 epsilon and seed; runs whose resolved configs agree are one setting, under the name of the frontier entry
 where one started it; a recipe's run without privacy is on its private runs' line; other settings whose
 names agree but configs do not are named with the keys that differ, in brackets. A fidelity column names
-the backbone its features come from, in brackets; numbers on different backbones never share a column. Downstream accuracy (`acc_*`) is that of
-DPDM's classifiers trained on the samples and scored on the real test split. `{NOT_A_GUARANTEE_MARK}` marks a
+the backbone its features come from, in brackets; numbers on different backbones never share a column.
+Downstream accuracy (`acc_*`) is that of DPDM's classifiers trained on the samples and scored on the real
+test split. `{NOT_A_GUARANTEE_MARK}` marks a
 run whose epsilon is not a differential-privacy guarantee (its reason is listed under the table; a run
 says so with `privacy.{EPSILON_IS_GUARANTEE}: false` in its record)."""
 

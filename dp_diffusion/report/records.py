@@ -176,7 +176,8 @@ def _suffixes(configs: Sequence[Mapping[str, Any]], most: int = 3) -> list[str]:
     return [" (" + ", ".join(f"{k}={c[k]}" for k in shown) + more + ")" for c in configs]
 
 
-def _disambiguated(chosen: dict[tuple, str], configs: Mapping[tuple, Mapping[str, Any]]) -> dict[tuple, str]:
+def _disambiguated(chosen: dict[tuple, str], split: Mapping[tuple, tuple[dict[str, Any], dict[str, Any] | None]]
+                   ) -> dict[tuple, str]:
     """`chosen` labels, where settings of one method and data set that share a label but not a config get the
     keys that tell them apart appended (first outside the privacy block, then, among private runs, within it)."""
     clashes: dict[tuple, list[tuple]] = {}
@@ -189,12 +190,12 @@ def _disambiguated(chosen: dict[tuple, str], configs: Mapping[tuple, Mapping[str
             # and a default it leaves unpinned does not act on it (DPDM from scratch keeps its warm-start
             # keys), so its runs pool across such changes.
             continue
-        split = [_split_privacy(configs[key]) for key in keys]
-        rest_classes = _classes([rest for rest, _ in split])
-        for key, suffix in zip(keys, _suffixes([rest for rest, _ in split])):
+        parts = [split[key] for key in keys]  # (config outside the privacy block, privacy block or None)
+        rest_classes = _classes([rest for rest, _ in parts])
+        for key, suffix in zip(keys, _suffixes([rest for rest, _ in parts])):
             named[key] += suffix
         for rest_class in set(rest_classes):
-            private = [(key, privacy) for key, (_, privacy), c in zip(keys, split, rest_classes)
+            private = [(key, privacy) for key, (_, privacy), c in zip(keys, parts, rest_classes)
                        if c == rest_class and privacy is not None]
             for (key, _), suffix in zip(private, _suffixes([privacy for _, privacy in private])):
                 named[key] += suffix
@@ -212,14 +213,14 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     ceiling). A record without a config keeps its own label; records with one label pool (`group_runs`)."""
     labels = [setting(record) for record in records]
     pools: dict[tuple, list[str]] = {}
-    configs: dict[tuple, dict[str, Any]] = {}
+    split: dict[tuple, tuple[dict[str, Any], dict[str, Any] | None]] = {}  # (rest, privacy block) per config
     keys: list[tuple | None] = []
     for record, label in zip(records, labels):
         kept, key = _kept_config(record), None
         if kept is not None:
             key = (record.get("method"), record.get("data"), _canonical(kept))
             pools.setdefault(key, []).append(label)
-            configs[key] = kept
+            split[key] = _split_privacy(kept)
         keys.append(key)
 
     def preference(label: str, labels: list[str]) -> tuple:
@@ -227,14 +228,13 @@ def settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
     chosen = {key: min(pool, key=lambda label: preference(label, pool)) for key, pool in pools.items()}
     # A recipe run without privacy (its ceiling) takes the name of the same recipe's private runs.
-    split = {key: _split_privacy(config) for key, config in configs.items()}
     for key, (rest, privacy) in split.items():
         if privacy is None:
             names = [chosen[key]] + [chosen[other] for other, (other_rest, other_privacy) in split.items()
                                      if other[:2] == key[:2] and other_privacy is not None
                                      and not _differing([rest, other_rest])]
             chosen[key] = min(names, key=lambda label: preference(label, names))
-    named = _disambiguated(chosen, configs)
+    named = _disambiguated(chosen, split)
     return [label if key is None else named[key] for label, key in zip(labels, keys)]
 
 
