@@ -281,3 +281,11 @@ def test_resuming_a_checkpoint_that_finetuned_another_part_is_a_one_line_error(t
                                                               "method.module.lora_rank=2"))})
     with pytest.raises(ConfigError, match=r"lora \(lora_rank=4\); this run asks .*lora \(lora_rank=2\)"):
         lora.check_resume({CONFIG_KEY: config_to_dict(compose_cfg(tmp_path, "method.module.finetune=lora"))})
+
+
+@pytest.mark.parametrize("privacy, said", [("privacy=dp", "with DP"), ("privacy=none", "WITHOUT privacy")])
+def test_the_announcement_says_whether_the_finetuning_is_private(tmp_path, capsys, privacy, said):
+    module = build_method(compose_cfg(tmp_path, privacy), dataset_info("digits"), 1442)
+    module.fit_public_stages(CountingTrainers(tmp_path))
+    announced = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DP-LDM: fine-tuning")]
+    assert len(announced) == 1 and said in announced[0], announced

@@ -349,7 +349,8 @@ class DPLDM(PrivateDiffusion):
         load_base_weights(backbone, pretrained.state_dict())
         load_base_weights(self._backbone_of(self.ema.module), pretrained.state_dict())
         self.public_stages_trained.fill_(True)
-        announce(f"DP-LDM: {self.finetune_summary} with DP (public {self.public_cfg['name']} pretraining)")
+        how = "with DP" if self.privacy_spec.enabled else "WITHOUT privacy (privacy=none)"
+        announce(f"DP-LDM: {self.finetune_summary} {how} (public {self.public_cfg['name']} pretraining)")
 
     def on_train_start(self) -> None:
         super().on_train_start()
