@@ -22,21 +22,25 @@ EPSILONS=${EPSILONS:-0.2,1,10}
 SEEDS=${SEEDS:-0}
 OUT=${OUT:-runs/frontier_mnist5k}
 REPORT=${REPORT:-experiments/results/mnist5k}
-METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_ldm dp_ldm_condition_font_digits dp_sad"}
+METHODS=${METHODS:-"dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_ldm dp_ldm_condition_font_digits dp_ldm_main dp_sad"}
 EXTRA=${EXTRA:-}   # overrides added to every run, e.g. EXTRA="trainer=gpu"
 RESULTS="$OUT/results.jsonl"
 mkdir -p "$OUT"
+
+# DP-LDM's CPU experiment as these entries were measured (until session 14): the latent model pretrained 600
+# public steps, then 300 DP steps (each entry names its fine-tuned part; the experiment now tunes `all`)
+DP_LDM_AS_MEASURED="experiment=dp_ldm_mnist5k_cpu method.module.pretraining.latent_steps=600 train.steps=300"
 
 dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnist5k_cpu
   local finetune=${1%%_*} public=digits
   [ "$finetune" != "$1" ] && public=${1#*_}
   case "$finetune" in condition|attention|all|lora) ;; *) echo "unknown DP-LDM fine-tuned part: $finetune" >&2; exit 2 ;; esac
   case "$public" in
-    digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=digits" ;;
+    digits) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=digits" ;;
     # 20,000 images: the latent stage encodes the whole public set (100,000 take ~4 minutes here)
-    dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
-    font_digits) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=font_digits" ;;
-    ae_dead_leaves) echo "experiment=dp_ldm_mnist5k_cpu method.module.finetune=$finetune public=digits method.module.autoencoder_public={name:dead_leaves}" ;;
+    dead_leaves) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
+    font_digits) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=font_digits" ;;
+    ae_dead_leaves) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=digits method.module.autoencoder_public={name:dead_leaves}" ;;
     *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves, font_digits)" >&2; exit 2 ;;
   esac
 }
@@ -53,8 +57,8 @@ overrides_for() {  # the config of one frontier entry
     # coarse stage (the context stage, DP and labelled, covers every sigma above the cleaning range):
     dp_syngen)    echo "experiment=dp_syngen_mnist5k_cpu diffusion=edm" ;;
     dp_syngen_no_coarse) echo "experiment=dp_syngen_mnist5k_cpu diffusion=edm method.module.log_tau_coarse=null" ;;
-    dp_ldm)       echo "experiment=dp_ldm_mnist5k_cpu public=digits" ;;   # as first measured; the experiment itself
-                                                                         # is dp_ldm_condition_font_digits since
+    dp_ldm)       echo "$DP_LDM_AS_MEASURED method.module.finetune=condition public=digits" ;;  # as first measured
+    dp_ldm_main)  echo "experiment=dp_ldm_mnist5k_cpu" ;;      # the CPU experiment as it is (since session 14)
     dp_sad)       echo "experiment=dp_sad_mnist5k_cpu" ;;              # sound; public teacher on digits
     # DP-SAD's variants and ablations (issue 15; not in the default METHODS):
     dp_sad_paper) echo "experiment=dp_sad_mnist5k_cpu method.module.privacy_model=paper method.module.teacher.source=nonprivate" ;;
@@ -66,7 +70,7 @@ overrides_for() {  # the config of one frontier entry
     # attention | all | lora, public = digits (default) | dead_leaves | ae_dead_leaves (the autoencoder on dead
     # leaves, the latent model on digits) | font_digits (the experiment's own); e.g. dp_ldm_lora_dead_leaves
     dp_ldm_*) dp_ldm_entry "${1#dp_ldm_}" ;;
-    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_syngen_no_coarse dp_ldm dp_sad dp_sad_paper" \
+    *) echo "unknown frontier entry $1 (known: dpdm_scratch dpdm_warm dpdm_warm_font dpdm_main dp_syngen dp_syngen_high_noise dp_syngen_no_coarse dp_ldm dp_ldm_main dp_sad dp_sad_paper" \
             "dp_sad_dp_teacher dp_sad_warm dp_sad_lambda<weight> dp_ldm_<finetune>[_<public>])" >&2; exit 2 ;;
   esac
 }

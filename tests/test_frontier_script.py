@@ -15,7 +15,7 @@ from dp_diffusion.run_config import validate_config
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "frontier_mnist5k.sh"
 ENTRIES = ("dpdm_scratch", "dpdm_warm", "dpdm_warm_font", "dpdm_main", "dp_syngen", "dp_syngen_high_noise",
-           "dp_ldm", "dp_ldm_condition_font_digits", "dp_sad")
+           "dp_ldm", "dp_ldm_condition_font_digits", "dp_ldm_main", "dp_sad")
 DP_SAD_ENTRIES = ("dp_sad_paper", "dp_sad_dp_teacher", "dp_sad_warm", "dp_sad_lambda0", "dp_sad_lambda0.5")
 DP_SYNGEN_ENTRIES = ("dp_syngen_no_coarse",)
 DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "dp_ldm_condition_ae_dead_leaves",
@@ -24,7 +24,7 @@ DP_LDM_ENTRIES = ("dp_ldm_all", "dp_ldm_lora", "dp_ldm_attention_dead_leaves", "
 
 def overrides_for(entry: str) -> subprocess.CompletedProcess:
     """The script's own `overrides_for` function, run by bash."""
-    functions = "/^dp_ldm_entry()/,/^}/p;/^overrides_for()/,/^}/p"
+    functions = "/^DP_LDM_AS_MEASURED=/p;/^dp_ldm_entry()/,/^}/p;/^overrides_for()/,/^}/p"
     program = f'source <(sed -n "{functions}" "{SCRIPT}"); overrides_for {entry}'
     return subprocess.run(["bash", "-c", program], capture_output=True, text=True)
 
@@ -54,10 +54,15 @@ def test_each_entry_composes_and_validates_on_mnist5k(entry):
         entry, "digits" if pinned_digits or entry.startswith("dp_sad") else "font_digits")
     assert cfg.public.name == expected_public
     module = cfg.method.module
-    if entry.startswith("dp_ldm_"):
+    if entry.startswith("dp_ldm_") and entry != "dp_ldm_main":
         assert module.finetune == entry.split("_")[2]
         autoencoder_public = module.autoencoder_public and module.autoencoder_public.name
         assert autoencoder_public == ("dead_leaves" if entry.endswith("_ae_dead_leaves") else None)
+    if entry.startswith("dp_ldm"):
+        # the entries measured before the experiment grew (session 14) pin the pretraining and DP steps they ran with
+        main = entry == "dp_ldm_main"
+        assert (module.pretraining.latent_steps, cfg.train.steps) == ((3000, 900) if main else (600, 300))
+        assert module.finetune == {"dp_ldm": "condition", "dp_ldm_main": "all"}.get(entry, module.finetune)
     if entry.startswith("dp_syngen"):
         assert module.log_tau_coarse == (None if entry == "dp_syngen_no_coarse" else 2.0)
         assert module.log_tau_cleaning == -3.0
