@@ -32,17 +32,17 @@ mkdir -p "$OUT"
 DP_LDM_AS_MEASURED="experiment=dp_ldm_mnist5k_cpu method.module.pretraining.latent_steps=600 train.steps=300"
 
 dp_ldm_entry() {  # <finetune>[_<public>] -> overrides of experiment=dp_ldm_mnist5k_cpu
-  local finetune=${1%%_*} public=digits
+  local finetune=${1%%_*} public=digits sets
   [ "$finetune" != "$1" ] && public=${1#*_}
   case "$finetune" in condition|attention|all|lora) ;; *) echo "unknown DP-LDM fine-tuned part: $finetune" >&2; exit 2 ;; esac
   case "$public" in
-    digits) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=digits" ;;
+    digits|font_digits) sets="public=$public" ;;
     # 20,000 images: the latent stage encodes the whole public set (100,000 take ~4 minutes here)
-    dead_leaves) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=dead_leaves public.size=20000" ;;
-    font_digits) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=font_digits" ;;
-    ae_dead_leaves) echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune public=digits method.module.autoencoder_public={name:dead_leaves}" ;;
+    dead_leaves) sets="public=dead_leaves public.size=20000" ;;
+    ae_dead_leaves) sets="public=digits method.module.autoencoder_public={name:dead_leaves}" ;;
     *) echo "unknown DP-LDM public set: $public (digits, dead_leaves, ae_dead_leaves, font_digits)" >&2; exit 2 ;;
   esac
+  echo "$DP_LDM_AS_MEASURED method.module.finetune=$finetune $sets"
 }
 
 overrides_for() {  # the config of one frontier entry
